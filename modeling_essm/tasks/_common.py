@@ -1,0 +1,117 @@
+"""Helpers shared by the task modules: where the data lives, argument checks, and
+building `datasets.Dataset` splits quickly from numpy arrays."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+# Byte-level vocabulary shared by the text and LM tasks: a token is a byte value 0..255,
+# followed by three specials. The stored sequences hold plain bytes only (no BOS/EOS), so a
+# model trained on one byte task can be evaluated or fine-tuned on the other.
+BYTE_PAD_ID = 256
+BYTE_BOS_ID = 257
+BYTE_EOS_ID = 258
+BYTE_VOCAB_SIZE = 259
+
+DATA_DIR_ENV = "ESSM_DATA_DIR"
+CACHE_DIR_ENV = "ESSM_CACHE_DIR"
+_HOW_TO_POINT = f"pass data_dir=... to load_task or set {DATA_DIR_ENV} to the shared data folder"
+
+
+@dataclass(frozen=True)
+class TaskData:
+    name: str
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    num_labels: int | None  # None for language modelling
+    vocab_size: int | None  # None for real-valued inputs
+    input_size: int | None  # features per step for real-valued inputs, else None
+    pad_token_id: int | None
+    max_length: int
+    metric: str  # "accuracy" or "bits_per_byte"
+
+
+def resolve_data_dir(data_dir=None) -> Path:
+    """The explicit argument, else $ESSM_DATA_DIR, else ../shared/data next to the
+    repository holding this package, else ../shared/data relative to the working directory."""
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    if data_dir is not None:
+        candidates = [Path(data_dir).expanduser()]
+    else:
+        # parents: [0] tasks/, [1] modeling_essm/, [2] the repository root, [3] its parent
+        candidates = [Path(__file__).resolve().parents[3] / "shared" / "data", Path("..") / "shared" / "data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    tried = " or ".join(str(c.resolve()) for c in candidates)
+    raise FileNotFoundError(f"data folder not found at {tried}; {_HOW_TO_POINT}")
+
+
+def data_file(data_dir, filename: str) -> Path:
+    path = resolve_data_dir(data_dir) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}; {_HOW_TO_POINT}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Decoded-data cache, outside the repository so derived data is never committed."""
+    path = Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "modeling_essm" / "data")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_positive_int(name: str, value, allow_none=True):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_max_length(task: str, max_length, low: int, high: int, default: int) -> int:
+    if max_length is None:
+        return default
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or not low <= max_length <= high:
+        raise ValueError(f"max_length for {task!r} must be an integer in [{low}, {high}], got {max_length!r}")
+    return int(max_length)
+
+
+def token_dataset(sequences, labels, label_names) -> datasets.Dataset:
+    """A dataset with `input_ids` (int16 lists of any length) and `labels` (ClassLabel).
+    Builds the Arrow list column from one flat array: converting millions of Python ints
+    one by one takes seconds per split."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(s, dtype=np.int16) for s in sequences]) if sequences else np.zeros(0, np.int16)
+    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    features = datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int16")), "labels": datasets.ClassLabel(names=list(label_names))}
+    )
+    return datasets.Dataset.from_dict({"input_ids": input_ids, "labels": np.asarray(labels, dtype=np.int64)}, features=features)
+
+
+def subset(dataset: datasets.Dataset, size: int | None, seed: int, balanced: bool = True) -> datasets.Dataset:
+    """`size` rows chosen with `seed`, kept in their original order. Balanced means the
+    classes are as equal as the data allows: classes are visited in turn, each giving its
+    next random row, so a class that runs out leaves the rest to the others."""
+    if size is None:
+        return dataset
+    if size > len(dataset):
+        raise ValueError(f"asked for {size} rows but the split has only {len(dataset)}")
+    rng = np.random.default_rng(seed)
+    if not balanced:
+        return dataset.select(np.sort(rng.choice(len(dataset), size=size, replace=False)))
+    labels = np.asarray(dataset["labels"])
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    # Rank every row within its class; sorting by (rank, class) interleaves the classes.
+    ranks = np.concatenate([np.arange(len(rows)) for rows in per_class])
+    rows = np.concatenate(per_class)
+    classes = np.concatenate([np.full(len(r), c) for c, r in enumerate(per_class)])
+    chosen = rows[np.lexsort((classes, ranks))[:size]]
+    return dataset.select(np.sort(chosen))
