@@ -1,0 +1,124 @@
+"""Configuration of Elastic Spectral State Space Models (ES-SSM)."""
+
+from transformers import PreTrainedConfig
+
+# Written into every saved config so that a folder or Hub repo loads with trust_remote_code=True
+# through any of the four Auto classes, not only the one the model was saved from.
+ESSM_AUTO_MAP = {
+    "AutoConfig": "configuration_essm.ESSSMConfig",
+    "AutoModel": "modeling_essm.ESSSMModel",
+    "AutoModelForCausalLM": "modeling_essm.ESSSMForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_essm.ESSSMForSequenceClassification",
+}
+
+class ESSSMConfig(PreTrainedConfig):
+    r"""
+    Configuration of an ES-SSM: a stack of pre-norm residual blocks whose sequence mixer convolves
+    the input with the top eigenvectors of a fixed Hankel matrix and mixes them through a per-token
+    gate. The model is trained once and can run at any spectral budget `k` in
+    `[min_spectral_budget, num_spectral_filters]` afterwards.
+
+    Args:
+        vocab_size (`int`, defaults to 259): token vocabulary (byte-level: 256 bytes plus pad, bos, eos).
+        hidden_size (`int`, defaults to 256): model width D.
+        num_hidden_layers (`int`, defaults to 8): number of residual blocks.
+        num_spectral_filters (`int`, defaults to 32): the full spectral budget K.
+        max_position_embeddings (`int`, defaults to 4096): filter length L, the longest sequence.
+        min_spectral_budget (`int`, defaults to 2): smallest budget the model accepts.
+        intermediate_size (`int`, *optional*): feed-forward width; `None` means 4 * D, `0` disables the feed-forward.
+        gate_hidden_size (`int`, *optional*): hidden width of the gate MLP; `None` means D // 2.
+        gate_bias_init (`float`, defaults to -2.0): initial bias of the gate logits.
+        spectral_chunk_size (`int`, defaults to 8): channels computed together; bounds the convolution memory.
+        hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).
+        layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
+        initializer_range (`float`, defaults to 0.02): std of the normal initialisation of linear layers.
+        input_size (`int`, *optional*): when set, the model reads real-valued features `input_values` of this
+            size per step through a linear input projection instead of token embeddings.
+        classifier_pooling (`str`, defaults to `"mean"`): `"mean"` over non-padding positions or `"last"`.
+    """
+
+    model_type = "essm"
+
+    def __init__(
+        self,
+        vocab_size: int = 259,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 8,
+        num_spectral_filters: int = 32,
+        max_position_embeddings: int = 4096,
+        min_spectral_budget: int = 2,
+        intermediate_size: int | None = None,
+        gate_hidden_size: int | None = None,
+        gate_bias_init: float = -2.0,
+        spectral_chunk_size: int = 8,
+        hidden_dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        input_size: int | None = None,
+        classifier_pooling: str = "mean",
+        use_cache: bool = True,
+        pad_token_id: int | None = 256,
+        bos_token_id: int | None = 257,
+        eos_token_id: int | None = 258,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_spectral_filters = num_spectral_filters
+        self.max_position_embeddings = max_position_embeddings
+        self.min_spectral_budget = min_spectral_budget
+        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.gate_hidden_size = max(1, hidden_size // 2) if gate_hidden_size is None else gate_hidden_size
+        self.gate_bias_init = gate_bias_init
+        self.spectral_chunk_size = spectral_chunk_size
+        self.hidden_dropout = hidden_dropout
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.input_size = input_size
+        self.classifier_pooling = classifier_pooling
+        self.use_cache = use_cache
+        # One "conv" entry per block tells DynamicCache to hold an input-history cache for each layer.
+        self.layer_types = ["conv"] * num_hidden_layers
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        kwargs.pop("layer_types", None)
+        kwargs.setdefault("auto_map", dict(ESSM_AUTO_MAP))
+        super().__init__(**kwargs)
+        self._validate_essm_fields()
+
+    def _validate_essm_fields(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_spectral_filters",
+                    "max_position_embeddings", "min_spectral_budget", "gate_hidden_size", "spectral_chunk_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ESSSMConfig.{name} must be a positive integer, got {value!r}.")
+        if not 1 <= self.min_spectral_budget <= self.num_spectral_filters:
+            raise ValueError(
+                f"min_spectral_budget must be in [1, num_spectral_filters={self.num_spectral_filters}], "
+                f"got {self.min_spectral_budget}."
+            )
+        if self.num_spectral_filters > self.max_position_embeddings:
+            raise ValueError(
+                f"num_spectral_filters ({self.num_spectral_filters}) cannot exceed "
+                f"max_position_embeddings ({self.max_position_embeddings}): the Hankel matrix has only L eigenvectors."
+            )
+        if not isinstance(self.intermediate_size, int) or self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size must be None or an integer >= 0, got {self.intermediate_size!r}.")
+        if self.input_size is not None and (not isinstance(self.input_size, int) or self.input_size < 1):
+            raise ValueError(f"input_size must be None or a positive integer, got {self.input_size!r}.")
+        if self.classifier_pooling not in ("mean", "last"):
+            raise ValueError(f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}.")
+        for name in ("hidden_dropout", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
+
+
+__all__ = ["ESSSMConfig"]

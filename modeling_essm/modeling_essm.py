@@ -1,0 +1,389 @@
+"""Elastic Spectral State Space Models (ES-SSM, arXiv 2601.22488) for Hugging Face transformers.
+
+Each block convolves its input with fixed spectral filters (the top eigenvectors of a Hankel
+matrix), mixes the K filtered copies with learned D x D projections through a per-token gate,
+and adds a learned skip. A forward pass at spectral budget k uses only the first k channels:
+the gate renormalises over them and the others are never computed, so one trained model runs
+at any k in [min_spectral_budget, K].
+"""
+
+import copy
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_essm import ESSSMConfig
+from .spectral_filters import spectral_filters
+
+
+def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int:
+    """The budget of one call: `None` means the full K; anything else must be an integer in range."""
+    low, high = config.min_spectral_budget, config.num_spectral_filters
+    valid = f"an integer in [{low}, {high}] (min_spectral_budget to num_spectral_filters) or None for {high}"
+    if spectral_budget is None:
+        return high
+    if isinstance(spectral_budget, torch.Tensor):
+        if spectral_budget.numel() != 1 or spectral_budget.is_floating_point() or spectral_budget.is_complex():
+            raise ValueError(f"spectral_budget must be {valid}; got a tensor {spectral_budget!r}.")
+        spectral_budget = spectral_budget.item()
+    if isinstance(spectral_budget, bool) or not isinstance(spectral_budget, numbers.Integral):
+        raise ValueError(f"spectral_budget must be {valid}; got {spectral_budget!r} of type "
+                         f"{type(spectral_budget).__name__}.")
+    if not low <= spectral_budget <= high:
+        raise ValueError(f"spectral_budget must be {valid}; got {spectral_budget}.")
+    return int(spectral_budget)
+
+
+def fft_length(seq_len: int) -> int:
+    """An even FFT size >= 2 * seq_len (no circular wrap-around) whose factors are only 2, 3 and 5 (fast)."""
+    n = seq_len
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return 2 * n
+        n += 1
+
+
+class ESSSMSpectralBasis(nn.Module):
+    """The fixed filters phi_1..phi_K (L, K) and their Hankel eigenvalues sigma_1..sigma_K.
+
+    They are persistent buffers: a checkpoint carries them and loading never recomputes them, since a
+    recomputation may flip signs or change the numerically arbitrary tail vectors of a trained model.
+    """
+
+    def __init__(self, config: ESSSMConfig):
+        super().__init__()
+        # Filled by `_init_weights` for a new model, by the checkpoint when loading.
+        self.register_buffer("eigenvalues", torch.empty(config.num_spectral_filters))  # (K,)
+        self.register_buffer("filters", torch.empty(config.max_position_embeddings, config.num_spectral_filters))
+
+    def filter_spectrum(self, seq_len: int, spectral_budget: int) -> torch.Tensor:
+        """rFFT of the first `spectral_budget` filters, each scaled by sigma^(1/4): (n_fft // 2 + 1, k) complex64."""
+        # Tail eigenvalues below float64 precision can come out as tiny negatives: those channels carry nothing.
+        scale = self.eigenvalues[:spectral_budget].float().clamp_min(0.0).pow(0.25)
+        scaled_filters = self.filters[:seq_len, :spectral_budget].float() * scale  # (T, k)
+        return torch.fft.rfft(scaled_filters, n=fft_length(seq_len), dim=0)
+
+
+class ESSSMSpectralMixer(nn.Module):
+    """The sequence mixer of one block (DESIGN 1.2).
+
+        y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) D
+
+    gate_in, gate_out: the gate MLP D -> gate_hidden_size -> K, whose logits are cut to the first k,
+        rescaled to unit RMS and softmaxed over those k only (the same rule at every budget);
+    spectral_proj: the K learned D x D matrices M_j, stacked (K, D, D);
+    skip_proj: the learned D x D skip matrix D.
+    Only the active channels are convolved and projected; under autocast the FFTs and the gate
+    softmax stay in float32.
+    """
+
+    def __init__(self, config: ESSSMConfig):
+        super().__init__()
+        hidden, num_filters = config.hidden_size, config.num_spectral_filters
+        self.gate_in = nn.Linear(hidden, config.gate_hidden_size)
+        self.gate_out = nn.Linear(config.gate_hidden_size, num_filters)
+        self.spectral_proj = nn.Parameter(torch.empty(num_filters, hidden, hidden))
+        self.skip_proj = nn.Linear(hidden, hidden, bias=False)
+        self.chunk_size = config.spectral_chunk_size
+
+    def gate(self, u: torch.Tensor, spectral_budget: int) -> torch.Tensor:
+        """Per-token mixing weights over the active channels: (B, T, D) -> (B, T, k), float32, rows sum to 1."""
+        hidden = F.gelu(self.gate_in(u))
+        logits = F.linear(hidden, self.gate_out.weight[:spectral_budget], self.gate_out.bias[:spectral_budget])
+        logits = logits.float()
+        rms_rescale = math.sqrt(spectral_budget) / logits.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return torch.softmax(logits * rms_rescale, dim=-1)
+
+    def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
+        batch, seq_len, hidden = u.shape
+        n_fft = 2 * (filter_spectrum.shape[0] - 1)
+        weights = self.gate(u, spectral_budget)  # (B, T, k)
+        u_spectrum = torch.fft.rfft(u.float(), n=n_fft, dim=1)  # (B, F, D), shared by every channel
+        y = self.skip_proj(u)  # (B, T, D)
+        # Under autograd every chunk's activations are kept anyway, so one chunk (one GEMM) is fastest;
+        # at inference chunking keeps the convolution memory independent of the budget.
+        chunk = spectral_budget if torch.is_grad_enabled() else self.chunk_size
+        for start in range(0, spectral_budget, chunk):
+            stop = min(start + chunk, spectral_budget)
+            spectra = u_spectrum.unsqueeze(2) * filter_spectrum[:, start:stop, None]  # (B, F, c, D)
+            conv = torch.fft.irfft(spectra, n=n_fft, dim=1)[:, :seq_len]  # (B, T, c, D)
+            features = (conv * weights[..., start:stop, None]).reshape(batch, seq_len, -1)  # (B, T, c*D)
+            y = y + features @ self.spectral_proj[start:stop].reshape(-1, hidden).to(features.dtype)
+        return y.to(u.dtype)
+
+
+class ESSSMFeedForward(nn.Module):
+    def __init__(self, config: ESSSMConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.dropout(F.gelu(self.fc_in(x))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - self.drop_prob)
+        return x * keep / (1.0 - self.drop_prob)
+
+
+class ESSSMBlock(GradientCheckpointingLayer):
+    """x = x + DropPath(Dropout(Mixer(LN(x)))), then x = x + DropPath(FFN(LN(x))) when the FFN is enabled."""
+
+    def __init__(self, config: ESSSMConfig, layer_idx: int):
+        super().__init__()
+        drop_path = config.drop_path_rate * layer_idx / max(1, config.num_hidden_layers - 1)
+        self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mixer = ESSSMSpectralMixer(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.drop_path = DropPath(drop_path)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.intermediate_size else None
+        self.ffn = ESSSMFeedForward(config) if config.intermediate_size else None
+
+    def forward(self, hidden_states, filter_spectrum, spectral_budget: int, padding_mask=None):
+        u = self.mixer_norm(hidden_states)
+        if padding_mask is not None:
+            u = u * padding_mask  # padded positions must not leak into later positions through the convolution
+        hidden_states = hidden_states + self.drop_path(self.dropout(self.mixer(u, filter_spectrum, spectral_budget)))
+        if self.ffn is not None:
+            hidden_states = hidden_states + self.drop_path(self.ffn(self.ffn_norm(hidden_states)))
+        return hidden_states
+
+
+class ESSSMPreTrainedModel(PreTrainedModel):
+    config_class = ESSSMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ESSSMBlock"]
+    # Filters, eigenvalues (sigma^(1/4) spans 1e-5..1) and the projections they feed stay in float32.
+    _keep_in_fp32_modules_strict = ["spectral_basis", "spectral_proj"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ESSSMSpectralMixer):
+            init.normal_(module.spectral_proj, mean=0.0, std=std)
+            init.constant_(module.gate_out.bias, self.config.gate_bias_init)
+        elif isinstance(module, ESSSMSpectralBasis) and not getattr(module.filters, "_is_hf_initialized", False):
+            # Skipped when the buffers came from a checkpoint: they are never recomputed on load.
+            eigenvalues, filters = spectral_filters(self.config.max_position_embeddings, self.config.num_spectral_filters)
+            init.copy_(module.eigenvalues, eigenvalues.float())
+            init.copy_(module.filters, filters.float())
+
+    def slice_to_budget(self, spectral_budget: int) -> "ESSSMPreTrainedModel":
+        """A new, smaller model of the same class whose full budget is `spectral_budget`.
+
+        Its outputs equal this model's at that budget: the channels above it are dropped, which is
+        exactly slicing the filters, eigenvalues, projections M_j and the gate's last rows.
+        """
+        budget = resolve_spectral_budget(spectral_budget, self.config)
+        config = copy.deepcopy(self.config)
+        config.num_spectral_filters = budget
+        config.min_spectral_budget = min(config.min_spectral_budget, budget)
+        sliced = type(self)(config).to(device=self.device, dtype=self.dtype)
+        source = self.state_dict()
+        state = {
+            name: source[name][tuple(slice(0, n) for n in target.shape)].clone()
+            for name, target in sliced.state_dict().items()
+        }
+        sliced.load_state_dict(state)
+        if self.can_generate():
+            sliced.generation_config = copy.deepcopy(self.generation_config)
+        sliced.train(self.training)
+        return sliced
+
+
+class ESSSMModel(ESSSMPreTrainedModel):
+    """The ES-SSM backbone: token embedding (or a linear projection of real-valued inputs), blocks, final norm."""
+
+    def __init__(self, config: ESSSMConfig):
+        super().__init__(config)
+        if config.input_size is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.input_proj = nn.Linear(config.input_size, config.hidden_size)
+        self.spectral_basis = ESSSMSpectralBasis(config)
+        self.layers = nn.ModuleList(ESSSMBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def embed(self, input_ids=None, inputs_embeds=None, input_values=None) -> torch.Tensor:
+        """Exactly one of the three input kinds, as (B, T, D)."""
+        given = [name for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                                          ("input_values", input_values)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"Pass exactly one of input_ids, inputs_embeds or input_values; got {given or 'none'}.")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids is not None:
+            if self.config.input_size is not None:
+                raise ValueError(f"This model reads real-valued `input_values` (input_size={self.config.input_size}), "
+                                 "not `input_ids`.")
+            return self.embed_tokens(input_ids)
+        if self.config.input_size is None:
+            raise ValueError("`input_values` needs a model built with `input_size` set in its config.")
+        if input_values.ndim == 2 and self.config.input_size == 1:
+            input_values = input_values.unsqueeze(-1)
+        if input_values.ndim != 3 or input_values.shape[-1] != self.config.input_size:
+            raise ValueError(f"input_values must have shape (batch, seq_len, {self.config.input_size})"
+                             f"{' or (batch, seq_len)' if self.config.input_size == 1 else ''}; "
+                             f"got {tuple(input_values.shape)}.")
+        return self.input_proj(input_values.to(self.input_proj.weight.dtype))
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        spectral_budget: int | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        budget = resolve_spectral_budget(spectral_budget, self.config)
+        hidden_states = self.embed(input_ids, inputs_embeds, input_values)  # (B, T, D)
+        seq_len = hidden_states.shape[1]
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input sequence length {seq_len} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}, the length of the spectral filters. Build the model with a "
+                f"larger `max_position_embeddings` in its config to process longer sequences."
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        padding_mask = None
+        if attention_mask is not None:
+            padding_mask = attention_mask[:, -seq_len:, None].to(hidden_states.dtype)  # (B, T, 1)
+        filter_spectrum = self.spectral_basis.filter_spectrum(seq_len, budget)  # shared by every block
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(hidden_states, filter_spectrum, budget, padding_mask)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ESSSMConfig):
+        super().__init__(config)
+        if config.input_size is not None:
+            raise ValueError("ESSSMForCausalLM predicts tokens: build it with input_size=None.")
+        self.model = ESSSMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        spectral_budget: int | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            spectral_budget=spectral_budget,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class ESSSMForSequenceClassification(ESSSMPreTrainedModel):
+    # The loss is a per-batch mean, so the Trainer must divide it by the accumulation steps itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: ESSSMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = ESSSMModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) -> (B, D): mean over the non-padding positions, or the last non-padding position."""
+        if attention_mask is None:
+            attention_mask = hidden_states.new_ones(hidden_states.shape[:2])
+        mask = attention_mask[:, -hidden_states.shape[1]:].to(hidden_states.dtype)  # (B, T)
+        if self.config.classifier_pooling == "last":
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last = (positions * (mask > 0)).argmax(dim=1)  # rightmost real token, for left or right padding
+            return hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last]
+        return (hidden_states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        spectral_budget: int | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            input_values=input_values,
+            spectral_budget=spectral_budget,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(self.pool(outputs.last_hidden_state, attention_mask))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "ESSSMPreTrainedModel",
+    "ESSSMModel",
+    "ESSSMForCausalLM",
+    "ESSSMForSequenceClassification",
+    "resolve_spectral_budget",
+]

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Filters computed by the tests go to a throw-away cache, never the user's.
+os.environ.setdefault("ESSM_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import modeling_essm  # noqa: E402  (registers the Auto classes)
+
+
+def tiny_config(**overrides):
+    """A model small enough for exhaustive checks on 2 CPU cores, with every component enabled."""
+    settings = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_spectral_filters=16,
+                    max_position_embeddings=128, intermediate_size=64, spectral_chunk_size=3)
+    settings.update(overrides)
+    return modeling_essm.ESSSMConfig(**settings)
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture
+def causal_lm(config):
+    torch.manual_seed(0)
+    return modeling_essm.ESSSMForCausalLM(config).eval()

@@ -1,0 +1,409 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from modeling_essm import ESSSMConfig, ESSSMForCausalLM, ESSSMForSequenceClassification, ESSSMModel
+from modeling_essm.modeling_essm import ESSSMSpectralMixer, fft_length
+
+K = 16  # num_spectral_filters of tiny_config
+
+
+def tokens(batch=2, seq_len=40, seed=0):
+    return torch.randint(0, 256, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_mixer(mixer, u, filters, eigenvalues, k):
+    """DESIGN 1.2 written out literally: direct causal sums, no FFT, no chunking."""
+    batch, seq_len, hidden = u.shape
+    u = u.double()
+    logits = torch.nn.functional.gelu(u @ mixer.gate_in.weight.double().T + mixer.gate_in.bias.double())
+    logits = logits @ mixer.gate_out.weight.double().T + mixer.gate_out.bias.double()
+    s = logits[..., :k]
+    s = s * math.sqrt(k) / s.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    a = torch.softmax(s, dim=-1)  # (B, T, k)
+    y = u @ mixer.skip_proj.weight.double().T
+    for j in range(k):
+        phi = filters[:seq_len, j].double() * eigenvalues[j].double().clamp_min(0) ** 0.25
+        toeplitz = torch.zeros(seq_len, seq_len, dtype=torch.float64)
+        for t in range(seq_len):
+            toeplitz[t, : t + 1] = phi[: t + 1].flip(0)
+        conv = torch.einsum("ts,bsd->btd", toeplitz, u)
+        y = y + a[..., j : j + 1] * (conv @ mixer.spectral_proj[j].double())
+    return y
+
+
+# --- the spectral mixer against its definition ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 7, K])
+@pytest.mark.parametrize("grad", [False, True])
+def test_mixer_matches_direct_convolution_reference(causal_lm, k, grad):
+    basis = causal_lm.model.spectral_basis
+    mixer = causal_lm.model.layers[0].mixer
+    u = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1))
+    with torch.set_grad_enabled(grad):  # grad enabled: one chunk; disabled: chunks of 3 channels
+        y = mixer(u, basis.filter_spectrum(37, k), k)
+    expected = reference_mixer(mixer, u, basis.filters, basis.eigenvalues, k)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_fft_length_is_even_smooth_and_long_enough():
+    for n in [1, 7, 37, 97, 1000, 4096, 8191]:
+        size = fft_length(n)
+        m = size
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        assert m == 1 and size % 2 == 0 and size >= 2 * n
+    assert fft_length(4096) == 8192
+
+
+def test_gate_weights_are_a_distribution_over_the_active_channels(causal_lm):
+    mixer = causal_lm.model.layers[1].mixer
+    u = torch.randn(3, 20, 32)
+    for k in [2, 5, K]:
+        weights = mixer.gate(u, k)
+        assert weights.shape == (3, 20, k) and weights.dtype == torch.float32
+        assert (weights >= 0).all()
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3, 20))
+
+
+# --- causality, budgets, slicing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 8, K])
+def test_outputs_are_causal(causal_lm, k):
+    x = tokens(seq_len=50)
+    changed = x.clone()
+    changed[:, 30:] = (changed[:, 30:] + 17) % 256
+    a = causal_lm(x, spectral_budget=k).logits
+    b = causal_lm(changed, spectral_budget=k).logits
+    torch.testing.assert_close(a[:, :30], b[:, :30], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 30:], b[:, 30:])
+
+
+def test_outputs_differ_across_budgets(causal_lm):
+    x = tokens()
+    logits = [causal_lm(x, spectral_budget=k).logits for k in (2, 4, 8, K)]
+    for i in range(len(logits) - 1):
+        assert (logits[i] - logits[i + 1]).abs().max() > 1e-4
+
+
+def test_none_means_full_budget(causal_lm):
+    x = tokens()
+    assert torch.equal(causal_lm(x).logits, causal_lm(x, spectral_budget=K).logits)
+
+
+@pytest.mark.parametrize("model_class", [ESSSMForCausalLM, ESSSMForSequenceClassification, ESSSMModel])
+@pytest.mark.parametrize("k", [2, 5, K])
+def test_slice_to_budget_equals_the_budgeted_forward(config, model_class, k):
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    small = model.slice_to_budget(k)
+    assert type(small) is model_class and small.config.num_spectral_filters == k
+    assert model.config.num_spectral_filters == K  # the original is untouched
+    x = tokens()
+    expected = model(x, spectral_budget=k)[0]
+    torch.testing.assert_close(small(x)[0], expected, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) or k == K
+
+
+def test_sliced_model_saves_a_smaller_checkpoint(causal_lm, tmp_path):
+    causal_lm.save_pretrained(tmp_path / "full")
+    causal_lm.slice_to_budget(4).save_pretrained(tmp_path / "k4")
+    full = (tmp_path / "full" / "model.safetensors").stat().st_size
+    small = (tmp_path / "k4" / "model.safetensors").stat().st_size
+    assert small < 0.6 * full
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "k4")
+    assert reloaded.config.num_spectral_filters == 4
+    x = tokens()
+    torch.testing.assert_close(reloaded(x).logits, causal_lm(x, spectral_budget=4).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_channels_above_the_budget_get_exactly_zero_gradient(config, k):
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(config).train()
+    x = tokens()
+    model(x, labels=x, spectral_budget=k).loss.backward()
+    for block in model.model.layers:
+        mixer = block.mixer
+        assert torch.count_nonzero(mixer.spectral_proj.grad[k:]) == 0
+        assert torch.count_nonzero(mixer.gate_out.weight.grad[k:]) == 0
+        assert torch.count_nonzero(mixer.gate_out.bias.grad[k:]) == 0
+        assert mixer.spectral_proj.grad[:k].abs().sum() > 0
+        assert mixer.gate_out.weight.grad[:k].abs().sum() > 0
+
+
+def test_concurrent_calls_with_different_budgets_do_not_interfere(causal_lm):
+    x = tokens()
+    expected = {k: causal_lm(x, spectral_budget=k).logits for k in (2, 8, K)}
+    results, errors = {}, []
+
+    def run(k):
+        try:
+            for _ in range(5):
+                results.setdefault(k, []).append(causal_lm(x, spectral_budget=k).logits)
+        except Exception as error:  # surfaced below; a thread's exception would otherwise vanish
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in expected]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for k, outputs in results.items():
+        for logits in outputs:
+            torch.testing.assert_close(logits, expected[k], atol=1e-6, rtol=0)
+
+
+# --- padding and batching -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, K])
+def test_left_padded_rows_equal_unpadded_rows(causal_lm, k):
+    short, long = tokens(1, 23, seed=1), tokens(1, 40, seed=2)
+    pad = causal_lm.config.pad_token_id
+    batch = torch.cat([torch.cat([torch.full((1, 17), pad), short], dim=1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 17), torch.ones(1, 23)], dim=1), torch.ones(1, 40)]).long()
+    padded = causal_lm(batch, attention_mask=mask, spectral_budget=k).logits
+    torch.testing.assert_close(padded[0, 17:], causal_lm(short, spectral_budget=k).logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], causal_lm(long, spectral_budget=k).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_equals_rows_one_by_one(causal_lm):
+    x = tokens(batch=4, seq_len=33)
+    batched = causal_lm(x, spectral_budget=6).logits
+    for i in range(4):
+        torch.testing.assert_close(batched[i], causal_lm(x[i : i + 1], spectral_budget=6).logits[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_classification_pooling_ignores_padding(pooling):
+    torch.manual_seed(0)
+    model = ESSSMForSequenceClassification(tiny_config(num_labels=3, classifier_pooling=pooling)).eval()
+    short, long = tokens(1, 20, seed=3), tokens(1, 31, seed=4)
+    pad = model.config.pad_token_id
+    left = torch.cat([torch.full((1, 11), pad), short], dim=1)
+    right = torch.cat([short, torch.full((1, 11), pad)], dim=1)
+    mask_left = torch.cat([torch.zeros(1, 11), torch.ones(1, 20)], dim=1).long()
+    mask_right = mask_left.flip(1)
+    alone = model(short, spectral_budget=4).logits
+    torch.testing.assert_close(model(torch.cat([left, long]), attention_mask=torch.cat([mask_left, torch.ones(1, 31,
+                               dtype=torch.long)]), spectral_budget=4).logits[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(right, attention_mask=mask_right, spectral_budget=4).logits, alone,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "num_labels, labels, problem_type",
+    [(3, torch.tensor([0, 2]), "single_label_classification"),
+     (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), "multi_label_classification"),
+     (1, torch.tensor([0.5, -1.0]), "regression")],
+)
+def test_classification_losses(num_labels, labels, problem_type):
+    torch.manual_seed(0)
+    model = ESSSMForSequenceClassification(tiny_config(num_labels=num_labels))
+    out = model(tokens(), labels=labels, spectral_budget=3)
+    assert model.config.problem_type == problem_type
+    assert out.logits.shape == (2, num_labels) and out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_real_valued_inputs_through_the_input_projection():
+    torch.manual_seed(0)
+    model = ESSSMForSequenceClassification(tiny_config(input_size=1, num_labels=10)).eval()
+    audio = torch.randn(2, 100)
+    logits = model(input_values=audio, spectral_budget=4).logits
+    torch.testing.assert_close(logits, model(input_values=audio.unsqueeze(-1), spectral_budget=4).logits)
+    with pytest.raises(ValueError, match="input_values"):
+        model(input_ids=tokens())
+    with pytest.raises(ValueError, match=r"shape \(batch, seq_len, 1\)"):
+        model(input_values=torch.randn(2, 100, 3))
+
+
+def test_inputs_embeds_equal_input_ids(causal_lm):
+    x = tokens()
+    embeds = causal_lm.get_input_embeddings()(x)
+    torch.testing.assert_close(causal_lm(inputs_embeds=embeds, spectral_budget=4).logits,
+                               causal_lm(x, spectral_budget=4).logits)
+    with pytest.raises(ValueError, match="exactly one"):
+        causal_lm(x, inputs_embeds=embeds)
+
+
+def test_hidden_states_logits_to_keep_and_tuple_output(causal_lm):
+    x = tokens()
+    out = causal_lm(x, output_hidden_states=True, logits_to_keep=1)
+    assert len(out.hidden_states) == causal_lm.config.num_hidden_layers + 1
+    assert out.logits.shape == (2, 1, 259)
+    torch.testing.assert_close(out.logits[:, 0], causal_lm(x).logits[:, -1])
+    assert isinstance(causal_lm(x, return_dict=False), tuple)
+
+
+def test_tied_head(causal_lm):
+    assert causal_lm.lm_head.weight.data_ptr() == causal_lm.model.embed_tokens.weight.data_ptr()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(config):
+    x = tokens()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = ESSSMForCausalLM(config).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(x, labels=x, spectral_budget=5).loss.backward()
+        grads.append(model.model.layers[0].mixer.spectral_proj.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_dropout_and_drop_path_only_act_in_training():
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(hidden_dropout=0.3, drop_path_rate=0.5))
+    x = tokens()
+    model.eval()
+    assert torch.equal(model(x).logits, model(x).logits)
+    model.train()
+    assert not torch.equal(model(x).logits, model(x).logits)
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0, 1, K + 1, -3, 2.5, True, "8", torch.tensor([2, 3]), torch.tensor(4.0)])
+def test_bad_budgets_name_the_valid_range(causal_lm, budget):
+    with pytest.raises(ValueError, match=rf"\[2, {K}\]"):
+        causal_lm(tokens(), spectral_budget=budget)
+    with pytest.raises(ValueError, match=rf"\[2, {K}\]"):
+        causal_lm.slice_to_budget(budget)
+
+
+def test_integer_tensor_budgets_are_accepted(causal_lm):
+    x = tokens()
+    torch.testing.assert_close(causal_lm(x, spectral_budget=torch.tensor(4)).logits,
+                               causal_lm(x, spectral_budget=4).logits)
+
+
+def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
+    with pytest.raises(ValueError, match=r"129 exceeds max_position_embeddings=128"):
+        causal_lm(tokens(seq_len=129))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(min_spectral_budget=17), r"min_spectral_budget must be in \[1, num_spectral_filters=16\]"),
+     (dict(num_spectral_filters=200), "cannot exceed max_position_embeddings"),
+     (dict(hidden_size=0), "hidden_size must be a positive integer"),
+     (dict(classifier_pooling="max"), "classifier_pooling"),
+     (dict(hidden_dropout=1.5), "hidden_dropout")],
+)
+def test_bad_config_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+# --- save, load, remote code ----------------------------------------------------------------------------
+
+
+def test_save_load_is_bitwise_identical(causal_lm, tmp_path):
+    causal_lm.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = tokens()
+    for k in (2, 8, None):
+        assert torch.equal(reloaded(x, spectral_budget=k).logits, causal_lm(x, spectral_budget=k).logits)
+
+
+def test_filters_come_from_the_checkpoint_and_are_never_recomputed(causal_lm, tmp_path):
+    basis = causal_lm.model.spectral_basis
+    with torch.no_grad():
+        basis.filters[:, 5].neg_()  # a sign flip: what a recomputation could silently do
+    causal_lm.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.model.spectral_basis.filters, basis.filters)
+
+
+def test_spectral_parts_stay_float32_when_loading_in_bfloat16(causal_lm, tmp_path):
+    causal_lm.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.spectral_basis.filters.dtype == torch.float32
+    assert model.model.layers[0].mixer.spectral_proj.dtype == torch.float32
+    logits = model(tokens(), spectral_budget=4).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bf16_autocast_is_finite_and_close_to_float32(causal_lm):
+    x = tokens(seq_len=100)
+    reference = causal_lm(x, spectral_budget=8).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = causal_lm(x, spectral_budget=8).logits
+    assert torch.isfinite(low).all()
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_auto_classes_resolve_to_essm(config, tmp_path):
+    assert isinstance(AutoConfig.for_model("essm"), ESSSMConfig)
+    assert type(AutoModel.from_config(config)) is ESSSMModel
+    assert type(AutoModelForCausalLM.from_config(config)) is ESSSMForCausalLM
+    assert type(AutoModelForSequenceClassification.from_config(config)) is ESSSMForSequenceClassification
+
+
+REMOTE_LOADER = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["modeling_essm"] = None  # the package must not be importable: only the saved code may run
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    folder, auto_name, budgets, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    auto = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM,
+            "AutoModelForSequenceClassification": AutoModelForSequenceClassification}[auto_name]
+    model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+    assert model.__class__.__module__.startswith("transformers_modules"), model.__class__.__module__
+    x = torch.tensor(inputs)
+    with torch.no_grad():
+        out = {str(k): model(x, spectral_budget=k)[0].tolist() for k in budgets}
+    print(json.dumps(out))
+    """
+)
+
+
+def load_in_clean_process(folder, auto_name, budgets, x, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOADER, str(folder), auto_name, json.dumps(budgets), json.dumps(x.tolist())],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {int(k): torch.tensor(v) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize(
+    "model_class, auto_name",
+    [(ESSSMForCausalLM, "AutoModelForCausalLM"), (ESSSMForSequenceClassification, "AutoModelForSequenceClassification"),
+     (ESSSMForCausalLM, "AutoModel")],
+)
+def test_remote_code_folder_loads_in_a_clean_process(config, model_class, auto_name, tmp_path):
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.save_pretrained(tmp_path / "saved")
+    saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert {"configuration_essm.py", "modeling_essm.py", "spectral_filters.py"} <= set(saved)
+    auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+    x = tokens()
+    remote = load_in_clean_process(tmp_path / "saved", auto_name, [2, 8, K], x, tmp_path)
+    local = model if auto_name != "AutoModel" else model.model
+    with torch.no_grad():
+        for k, output in remote.items():
+            assert torch.equal(output, local(x, spectral_budget=k)[0])
