@@ -81,37 +81,40 @@ def check_max_length(task: str, max_length, low: int, high: int, default: int) -
     return int(max_length)
 
 
-def token_dataset(sequences, labels, label_names) -> datasets.Dataset:
-    """A dataset with `input_ids` (int16 lists of any length) and `labels` (ClassLabel).
-    Builds the Arrow list column from one flat array: converting millions of Python ints
-    one by one takes seconds per split."""
+def list_column(sequences, dtype: str) -> pa.ListArray:
+    """An Arrow list column built from one flat array: converting millions of Python
+    numbers one by one takes seconds per split."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(sequences) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate([np.asarray(s, dtype=np.int16) for s in sequences]) if sequences else np.zeros(0, np.int16)
-    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    flat = np.concatenate([np.asarray(s, dtype=dtype) for s in sequences]) if len(sequences) else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def labelled_dataset(sequences, labels, label_names, column="input_ids", dtype="int16") -> datasets.Dataset:
+    """A classification split: one list column (token ids by default) and `labels` (ClassLabel)."""
     features = datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int16")), "labels": datasets.ClassLabel(names=list(label_names))}
+        {column: datasets.List(datasets.Value(dtype)), "labels": datasets.ClassLabel(names=list(label_names))}
     )
-    return datasets.Dataset.from_dict({"input_ids": input_ids, "labels": np.asarray(labels, dtype=np.int64)}, features=features)
+    columns = {column: list_column(sequences, dtype), "labels": np.asarray(labels, dtype=np.int64)}
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
-def subset(dataset: datasets.Dataset, size: int | None, seed: int, balanced: bool = True) -> datasets.Dataset:
-    """`size` rows chosen with `seed`, kept in their original order. Balanced means the
-    classes are as equal as the data allows: classes are visited in turn, each giving its
-    next random row, so a class that runs out leaves the rest to the others."""
+def choose_rows(num_rows: int, size: int | None, seed: int, labels=None) -> np.ndarray:
+    """Indices of `size` rows chosen with `seed`, in their original order (all rows when size
+    is None). With labels the classes are as equal as the data allows: classes are visited in
+    turn, each giving its next random row, so a class that runs out leaves the rest to others."""
     if size is None:
-        return dataset
-    if size > len(dataset):
-        raise ValueError(f"asked for {size} rows but the split has only {len(dataset)}")
+        return np.arange(num_rows)
+    if size > num_rows:
+        raise ValueError(f"asked for {size} rows but the split has only {num_rows}")
     rng = np.random.default_rng(seed)
-    if not balanced:
-        return dataset.select(np.sort(rng.choice(len(dataset), size=size, replace=False)))
-    labels = np.asarray(dataset["labels"])
+    if labels is None:
+        return np.sort(rng.choice(num_rows, size=size, replace=False))
+    labels = np.asarray(labels)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     # Rank every row within its class; sorting by (rank, class) interleaves the classes.
     ranks = np.concatenate([np.arange(len(rows)) for rows in per_class])
-    rows = np.concatenate(per_class)
-    classes = np.concatenate([np.full(len(r), c) for c, r in enumerate(per_class)])
-    chosen = rows[np.lexsort((classes, ranks))[:size]]
-    return dataset.select(np.sort(chosen))
+    classes = np.concatenate([np.full(len(rows), c) for c, rows in enumerate(per_class)])
+    chosen = np.concatenate(per_class)[np.lexsort((classes, ranks))[:size]]
+    return np.sort(chosen)

@@ -13,7 +13,7 @@ opening bracket are one token, as in LRA), "]" as 15.
 
 import random
 
-from ._common import TaskData, check_max_length, check_positive_int, token_dataset
+from ._common import TaskData, check_max_length, check_positive_int, labelled_dataset
 
 
 def _median(values):
@@ -127,7 +127,7 @@ def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0
     splits = {}
     for split, size in (("eval", eval_size or DEFAULT_EVAL_SIZE), ("train", train_size or DEFAULT_TRAIN_SIZE)):
         samples = generate(size, min_length, max_length, rng, seen)
-        splits[split] = token_dataset([t for t, _ in samples], [v for _, v in samples], [str(d) for d in range(10)])
+        splits[split] = labelled_dataset([t for t, _ in samples], [v for _, v in samples], [str(d) for d in range(10)])
     return TaskData(
         name="listops",
         train=splits["train"],
