@@ -108,7 +108,9 @@ def test_unknown_task_lists_the_valid_ones():
     assert all(name in str(error.value) for name in TASK_NAMES)
 
 
-@pytest.mark.parametrize("kwargs", [{"train_size": 0}, {"eval_size": -3}, {"train_size": True}, {"train_size": 2.5}, {"seed": -1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"train_size": 0}, {"eval_size": -3}, {"train_size": True}, {"train_size": 2.5}, {"seed": -1}]
+)
 def test_bad_sizes_and_seeds_are_value_errors(kwargs):
     with pytest.raises(ValueError):
         load_task("listops", **kwargs)
@@ -182,7 +184,8 @@ def imdb_dir(tmp_path):
     ]
     with gzip.open(tmp_path / "imdb.jsonl.gz", "wt", encoding="utf-8") as f:
         for i, (split, label, text) in enumerate(reviews):
-            f.write(json.dumps({"split": split, "id": i, "rating": 9 if label else 2, "label": label, "text": text}) + "\n")
+            review = {"split": split, "id": i, "rating": 9 if label else 2, "label": label, "text": text}
+            f.write(json.dumps(review) + "\n")
     return tmp_path
 
 
@@ -264,9 +267,12 @@ def fsdd_archive(folder, recordings):
 
 def test_audio_is_scaled_padded_cropped_and_split_by_take(tmp_path):
     ramp = np.arange(-50, 50) * 600  # 100 samples reaching -30000 .. 29400
-    data_dir = fsdd_archive(
-        tmp_path, {"3_alice_4.wav": wav_bytes(ramp[:10]), "3_alice_5.wav": wav_bytes(ramp), "7_bob_12.wav": wav_bytes([-32768, 32767])}
-    )
+    recordings = {
+        "3_alice_4.wav": wav_bytes(ramp[:10]),  # take 4: test
+        "3_alice_5.wav": wav_bytes(ramp),
+        "7_bob_12.wav": wav_bytes([-32768, 32767]),
+    }
+    data_dir = fsdd_archive(tmp_path, recordings)
     task = load_task("audio", data_dir=data_dir, max_length=40)
     assert (task.num_labels, task.vocab_size, task.input_size, task.max_length) == (10, None, 1, 40)
     assert task.train["labels"] == [3, 7] and task.eval["labels"] == [3]
@@ -298,7 +304,8 @@ def test_lm_chunks_the_first_90_and_last_10_percent(tmp_path):
     subset = load_task("lm", data_dir=tmp_path, max_length=16, train_size=5, eval_size=2, seed=7)
     assert (len(subset.train), len(subset.eval)) == (5, 2)
     assert set(map(tuple, subset.train["input_ids"])) <= set(map(tuple, task.train["input_ids"]))
-    assert subset.train["input_ids"] == load_task("lm", data_dir=tmp_path, max_length=16, train_size=5, seed=7).train["input_ids"]
+    again = load_task("lm", data_dir=tmp_path, max_length=16, train_size=5, seed=7)
+    assert subset.train["input_ids"] == again.train["input_ids"]
 
 
 # ---------------------------------------------------------------- the real shared data, when present

@@ -15,6 +15,7 @@ FILENAME = "fsdd_recordings.tgz"
 SAMPLE_RATE = 8000
 DEFAULT_MAX_LENGTH = 8000
 LONGEST = 16000
+DIGITS = tuple(str(d) for d in range(10))
 TEST_TAKES = 5  # takes 0..4 of every speaker and digit
 _RECORDING = re.compile(r"(?:.*/)?(\d)_([A-Za-z]+)_(\d+)\.wav")
 
@@ -57,7 +58,7 @@ def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0
         labels = np.array([digit for _, digit, _ in splits[split]], dtype=np.int64)
         rows = choose_rows(len(labels), size, seed, labels)
         waveforms = [splits[split][i][2] for i in rows]
-        datasets[split] = labelled_dataset(waveforms, labels[rows], [str(d) for d in range(10)], "input_values", "float32")
+        datasets[split] = labelled_dataset(waveforms, labels[rows], DIGITS, column="input_values", dtype="float32")
     return TaskData(
         name="audio",
         train=datasets["train"],

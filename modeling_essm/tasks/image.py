@@ -33,8 +33,10 @@ def decode_archive(path) -> dict:
             found[split].append((CLASSES.index(class_name), filename, np.asarray(image).reshape(-1)))
     arrays = {}
     for split, images in found.items():
+        if not images:
+            raise ValueError(f"{path} holds no {split}/<class>/*.jpg images")
         images.sort(key=lambda item: item[:2])
-        arrays[f"{split}_pixels"] = np.stack([p for _, _, p in images]) if images else np.zeros((0, SEQUENCE_LENGTH), np.uint8)
+        arrays[f"{split}_pixels"] = np.stack([pixels for _, _, pixels in images])
         arrays[f"{split}_labels"] = np.array([label for label, _, _ in images], dtype=np.int64)
     return arrays
 

@@ -24,7 +24,8 @@ def _median(values):
 
 
 OPERATORS = {"[MIN": min, "[MAX": max, "[MED": _median, "[SM": lambda values: sum(values) % 10}
-VOCAB = ("<pad>", *(str(d) for d in range(10)), *OPERATORS, "]")
+VALUES = tuple(str(d) for d in range(10))  # digits, and the label names
+VOCAB = ("<pad>", *VALUES, *OPERATORS, "]")
 TOKEN_IDS = {token: i for i, token in enumerate(VOCAB)}
 PAD_ID = 0
 CLOSE_ID = TOKEN_IDS["]"]
@@ -115,7 +116,9 @@ def generate(num_samples: int, min_length: int, max_length: int, rng: random.Ran
     return samples
 
 
-def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0, min_length=DEFAULT_MIN_LENGTH) -> TaskData:
+def load(
+    data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0, min_length=DEFAULT_MIN_LENGTH
+) -> TaskData:
     """ListOps splits of `train_size` (default 20,000) and `eval_size` (default 2,000) trees.
     `data_dir` is unused: the data is generated. The eval split is drawn first, so it stays
     the same for a given seed and eval_size whatever train_size is."""
@@ -127,7 +130,7 @@ def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0
     splits = {}
     for split, size in (("eval", eval_size or DEFAULT_EVAL_SIZE), ("train", train_size or DEFAULT_TRAIN_SIZE)):
         samples = generate(size, min_length, max_length, rng, seen)
-        splits[split] = labelled_dataset([t for t, _ in samples], [v for _, v in samples], [str(d) for d in range(10)])
+        splits[split] = labelled_dataset([t for t, _ in samples], [v for _, v in samples], VALUES)
     return TaskData(
         name="listops",
         train=splits["train"],
