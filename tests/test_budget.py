@@ -1,9 +1,18 @@
+import json
 import math
+import socket
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
+from tiny_trainer import NUM_FILTERS, record_budgets, tiny_dataset, tiny_model, tiny_trainer
+from transformers import TrainerCallback
 
-from modeling_essm.budget import BudgetSampler, default_budget_grid
+from modeling_essm.budget import BudgetSampler, BudgetSamplingCallback, default_budget_grid
+from modeling_essm.training import PaddingCollator, budget_counts
 
 
 NUM_DRAWS = 10_000
@@ -113,3 +122,138 @@ def test_draws_are_a_pure_function_of_seed_and_step():
 def test_bad_settings_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BudgetSampler(**kwargs)
+
+
+# ---- BudgetSamplingCallback under the Trainer ----
+
+
+def training_budgets(records):
+    return [(step, budget) for step, training, budget in records if training]
+
+
+def test_gradient_accumulation_steps_share_one_budget(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=6, gradient_accumulation_steps=2)
+    records = record_budgets(trainer)
+    trainer.train()
+    sampler = BudgetSampler("uniform", num_filters=NUM_FILTERS, full_every=0, seed=0)
+    expected = [(step, sampler(step)) for step in range(6) for _micro_batch in range(2)]
+    assert training_budgets(records) == expected
+    assert len({budget for _, budget in expected}) > 1
+
+
+class GradientCheck(TrainerCallback):
+    """Before each optimizer step, checks that the channels above the step's budget got exactly zero gradient."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.checked_budgets = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        budget = self.sampler(state.global_step)
+        for layer in model.model.layers:
+            mixer = layer.mixer
+            for parameter in (mixer.spectral_proj, mixer.gate_out.weight, mixer.gate_out.bias):
+                assert parameter.grad[:budget].abs().sum() > 0
+                assert torch.count_nonzero(parameter.grad[budget:]) == 0
+        self.checked_budgets.append(budget)
+
+
+def test_channels_above_the_budget_get_zero_gradient(tmp_path):
+    sampler = BudgetSampler("uniform", num_filters=NUM_FILTERS, full_every=0, seed=5)
+    check = GradientCheck(sampler)
+    trainer = tiny_trainer(tmp_path, sampler=sampler, callbacks=[check], max_steps=6, gradient_accumulation_steps=2)
+    trainer.train()
+    assert len(check.checked_budgets) == 6
+    assert min(check.checked_budgets) < NUM_FILTERS
+
+
+def test_budget_counts_reach_the_log_history(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=7, logging_steps=3)
+    trainer.train()
+    sampler = BudgetSampler("uniform", num_filters=NUM_FILTERS, full_every=0, seed=0)
+    assert budget_counts(trainer.state.log_history) == dict(sorted(Counter(sampler(s) for s in range(7)).items()))
+    first_log = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert sum(n for key, n in first_log.items() if key.startswith("budget_count_")) == 3
+
+
+def test_evaluation_runs_at_the_full_budget_and_config_is_untouched(tmp_path):
+    model = tiny_model()
+    fields_before = set(model.config.to_dict())
+    trainer = tiny_trainer(tmp_path, model=model, max_steps=4, eval_strategy="steps", eval_steps=2)
+    records = record_budgets(trainer)
+    trainer.train()
+    trainer.evaluate()
+    evaluation_budgets = {budget for _, training, budget in records if not training}
+    assert evaluation_budgets == {None}  # None is the full budget K
+    assert {budget for _, budget in training_budgets(records)} != {None}
+    assert not model._forward_pre_hooks
+    # The step's budget lives in a hook, never in the config (which would be saved with the checkpoint).
+    assert set(model.config.to_dict()) == fields_before
+    assert model.config.num_spectral_filters == NUM_FILTERS
+
+
+class ProbeDuringStep(TrainerCallback):
+    """Calls the model in the middle of each optimizer step, once without a budget and once with budget 3."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            model(**self.batch)
+            model(**self.batch, spectral_budget=3)
+
+
+def test_an_explicit_budget_wins_over_the_step_budget(tmp_path):
+    batch = PaddingCollator(pad_token_id=0)([tiny_dataset(1)[0]])
+    trainer = tiny_trainer(tmp_path, callbacks=[ProbeDuringStep(batch)], max_steps=4)
+    records = record_budgets(trainer)
+    trainer.train()
+    sampler = BudgetSampler("uniform", num_filters=NUM_FILTERS, full_every=0, seed=0)
+    # Per step: the training forward and the probe without a budget get the draw, the explicit probe keeps 3.
+    assert training_budgets(records) == [(s, k) for s in range(4) for k in (sampler(s), sampler(s), 3)]
+
+
+def test_resumed_run_replays_the_schedule(tmp_path):
+    first = tiny_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    first_records = record_budgets(first)
+    first.train()
+    resumed = tiny_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed_records = record_budgets(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert training_budgets(resumed_records) == [r for r in training_budgets(first_records) if r[0] >= 2]
+    assert [step for step, _ in training_budgets(resumed_records)] == [2, 3]
+
+
+def test_sampler_must_match_the_model(tmp_path):
+    trainer = tiny_trainer(tmp_path, sampler=BudgetSampler(num_filters=32))
+    with pytest.raises(ValueError, match="built for K=32 spectral filters but the model has num_spectral_filters=8"):
+        trainer.train()
+
+
+def test_default_sampler_follows_the_model_config(tmp_path):
+    callback = BudgetSamplingCallback()
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    trainer.callback_handler.remove_callback(BudgetSamplingCallback)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback._active_sampler.num_filters == NUM_FILTERS
+    assert callback._active_sampler.schedule == "paper"
+
+
+def test_torchrun_ranks_agree_on_every_budget(tmp_path):
+    worker = Path(__file__).with_name("tiny_trainer.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    result = subprocess.run([*command, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"budgets_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(rank["world_size"] == 2 and rank["parallel_mode"] == "ParallelMode.DISTRIBUTED" for rank in ranks)
+    budgets = [training_budgets(rank["records"]) for rank in ranks]
+    assert budgets[0] == budgets[1]
+    assert [step for step, _ in budgets[0]] == [step for step in range(6) for _ in range(2)]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
