@@ -136,6 +136,12 @@ class BudgetSampler:
         )
 
 
+def last_counted_step(log_history):
+    """The global step of the last log that carries budget counts (0 for a fresh run)."""
+    counted = [entry["step"] for entry in log_history if any(key.startswith("budget_count_") for key in entry)]
+    return counted[-1] if counted else 0
+
+
 def _inject_budget(budget, module, args, kwargs):
     # A budget passed explicitly by the caller wins over the step's draw.
     if kwargs.get("spectral_budget") is None:
@@ -153,14 +159,15 @@ class BudgetSamplingCallback(TrainerCallback):
     (it would be saved with the checkpoint).
 
     The number of steps run at each budget since the previous log is added to the Trainer's logs (and
-    ``state.log_history``) as ``budget_count_<k>`` entries.
+    ``state.log_history``) as ``budget_count_<k>`` entries; summed over the history they count every step
+    of the run, across resumes.
     """
 
     def __init__(self, sampler=None):
         self.sampler = sampler
         self._active_sampler = sampler
         self._hook = None
-        self._counts = Counter()
+        self._logged_through_step = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         config = model.config
@@ -176,11 +183,10 @@ class BudgetSamplingCallback(TrainerCallback):
                 f"the budget sampler's min_budget={self.sampler.min_budget} is below the model's "
                 f"min_spectral_budget={config.min_spectral_budget}"
             )
-        self._counts.clear()
+        self._logged_through_step = last_counted_step(state.log_history)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         budget = self._active_sampler(state.global_step)
-        self._counts[budget] += 1
         self._remove_hook()
         self._hook = model.register_forward_pre_hook(partial(_inject_budget, budget), with_kwargs=True)
 
@@ -191,15 +197,18 @@ class BudgetSamplingCallback(TrainerCallback):
         self._remove_hook()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._counts:
+        if self._logged_through_step is None or state.global_step <= self._logged_through_step:
             return
-        counts = {f"budget_count_{k}": n for k, n in sorted(self._counts.items())}
-        self._counts.clear()
+        # Draws are a pure function of the step, so replaying them counts exactly the budgets that ran,
+        # including steps taken before a resumed checkpoint but after its last log.
+        steps = range(self._logged_through_step, state.global_step)
+        counts = Counter(self._active_sampler(step) for step in steps)
+        entries = {f"budget_count_{k}": n for k, n in sorted(counts.items())}
+        self._logged_through_step = state.global_step
         # The Trainer appends a copy of `logs` to the history before calling back, so update both:
         # `logs` reaches the callbacks after this one (progress bar), the history is what is saved.
-        logs.update(counts)
-        if state.log_history:
-            state.log_history[-1].update(counts)
+        logs.update(entries)
+        state.log_history[-1].update(entries)
 
     def _remove_hook(self):
         if self._hook is not None:

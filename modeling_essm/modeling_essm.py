@@ -69,11 +69,11 @@ class ESSSMSpectralBasis(nn.Module):
         self.register_buffer("filters", torch.empty(config.max_position_embeddings, config.num_spectral_filters))
 
     def filter_spectrum(self, seq_len: int, spectral_budget: int) -> torch.Tensor:
-        """rFFT of the first `spectral_budget` filters, each scaled by sigma^(1/4): (n_fft // 2 + 1, k) complex64."""
+        """rFFT of the first `spectral_budget` filters, each scaled by sigma^(1/4): (k, n_fft // 2 + 1) complex64."""
         # Tail eigenvalues below float64 precision can come out as tiny negatives: those channels carry nothing.
         scale = self.eigenvalues[:spectral_budget].float().clamp_min(0.0).pow(0.25)
         scaled_filters = self.filters[:seq_len, :spectral_budget].float() * scale  # (T, k)
-        return torch.fft.rfft(scaled_filters, n=fft_length(seq_len), dim=0)
+        return torch.fft.rfft(scaled_filters.T, n=fft_length(seq_len))
 
 
 class ESSSMSpectralMixer(nn.Module):
@@ -108,19 +108,20 @@ class ESSSMSpectralMixer(nn.Module):
 
     def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         batch, seq_len, hidden = u.shape
-        n_fft = 2 * (filter_spectrum.shape[0] - 1)
-        weights = self.gate(u, spectral_budget)  # (B, T, k)
-        u_spectrum = torch.fft.rfft(u.float(), n=n_fft, dim=1)  # (B, F, D), shared by every channel
+        n_fft = 2 * (filter_spectrum.shape[-1] - 1)
+        weights = self.gate(u, spectral_budget).transpose(1, 2)  # (B, k, T)
+        # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
+        u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
         y = self.skip_proj(u)  # (B, T, D)
         # Under autograd every chunk's activations are kept anyway, so one chunk (one GEMM) is fastest;
         # at inference chunking keeps the convolution memory independent of the budget.
         chunk = spectral_budget if torch.is_grad_enabled() else self.chunk_size
         for start in range(0, spectral_budget, chunk):
             stop = min(start + chunk, spectral_budget)
-            spectra = u_spectrum.unsqueeze(2) * filter_spectrum[:, start:stop, None]  # (B, F, c, D)
-            conv = torch.fft.irfft(spectra, n=n_fft, dim=1)[:, :seq_len]  # (B, T, c, D)
-            features = (conv * weights[..., start:stop, None]).reshape(batch, seq_len, -1)  # (B, T, c*D)
-            y = y + features @ self.spectral_proj[start:stop].reshape(-1, hidden).to(features.dtype)
+            spectra = u_spectrum.unsqueeze(1) * filter_spectrum[start:stop, None]  # (B, c, D, F)
+            conv = torch.fft.irfft(spectra, n=n_fft)[..., :seq_len]  # (B, c, D, T)
+            features = (conv * weights[:, start:stop, None]).reshape(batch, -1, seq_len)  # (B, c*D, T)
+            y = y + features.transpose(1, 2) @ self.spectral_proj[start:stop].reshape(-1, hidden).to(features.dtype)
         return y.to(u.dtype)
 
 

@@ -1,0 +1,58 @@
+"""Console entry points: `essm-train` and `essm-eval-budgets`."""
+
+import argparse
+import shlex
+import sys
+
+
+def train_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="essm-train",
+        description="Train an ES-SSM with budget dropout from a YAML run config "
+        "(works under torchrun and accelerate launch too).",
+    )
+    parser.add_argument("config", help="YAML run config with task, model, budget and training sections")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, parsed as YAML (repeatable), e.g. --set training.max_steps=50",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
+    )
+    args = parser.parse_args(argv)
+    from .training import load_run_config, train
+
+    train(load_run_config(args.config, args.overrides), resume_from_checkpoint=args.resume)
+
+
+def eval_budgets_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="essm-eval-budgets",
+        description="Evaluate a trained ES-SSM at every spectral budget; writes budget_sweep.{json,md,png}.",
+    )
+    parser.add_argument("model_dir", help="output_dir of an essm-train run (holds the model and run_config.yaml)")
+    parser.add_argument("--budgets", type=int, nargs="+", help="budgets to evaluate (default: the budget grid)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N eval examples only")
+    parser.add_argument("--output-dir", help="where to write the report (default: model_dir)")
+    args = parser.parse_args(argv)
+    from .evaluation import eval_budgets
+
+    command = shlex.join(["essm-eval-budgets", *(sys.argv[1:] if argv is None else argv)])
+    eval_budgets(
+        args.model_dir,
+        budgets=args.budgets,
+        batch_size=args.batch_size,
+        max_eval_samples=args.max_eval_samples,
+        output_dir=args.output_dir,
+        command=command,
+    )

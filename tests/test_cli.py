@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from modeling_essm.cli import train_main
+from modeling_essm.training import budget_counts
+
+
+REPO = Path(__file__).resolve().parents[1]
+# The main command's config, shrunk to seconds.
+TINY_SETTINGS = [
+    "task.max_length=48",
+    "task.min_length=20",
+    "task.train_size=48",
+    "task.eval_size=16",
+    "model.hidden_size=16",
+    "model.intermediate_size=0",
+    "budget.warmup_steps=1",
+    "training.max_steps=6",
+    "training.per_device_train_batch_size=8",
+    "training.warmup_steps=0",
+    "training.logging_steps=2",
+    "training.eval_steps=3",
+    "training.save_steps=3",
+]
+
+
+def run_script(name, *args):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_main_command_trains_then_sweeps_every_budget(tmp_path):
+    output_dir = tmp_path / "listops"
+    overrides = [arg for setting in TINY_SETTINGS for arg in ("--set", setting)]
+    train_output = run_script("train.py", "configs/listops.yaml", *overrides, "--set", f"training.output_dir={output_dir}")
+    assert "steps per training budget:" in train_output
+    assert (output_dir / "checkpoint-6").is_dir() and (output_dir / "run_config.yaml").is_file()
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert sum(budget_counts(state["log_history"]).values()) == 6
+
+    sweep_output = run_script("eval_budgets.py", str(output_dir), "--batch-size", "8")
+    assert "AutoModelForSequenceClassification.from_pretrained" in sweep_output
+    assert "| budget k | accuracy | loss | parameters | tokens/s |" in sweep_output
+    report = json.loads((output_dir / "budget_sweep.json").read_text())
+    rows = report["results"]
+    assert [row["budget"] for row in rows] == [2, 3, 4, 6, 8, 12, 16, 24, 32]
+    assert all(0.0 <= row["accuracy"] <= 1.0 and row["tokens_per_second"] > 0 for row in rows)
+    parameters = [row["parameters"] for row in rows]
+    assert parameters == sorted(set(parameters))
+    assert (output_dir / "budget_sweep.md").read_text().count("\n|") == len(rows) + 2  # header, rule, rows
+    assert (output_dir / "budget_sweep.png").stat().st_size > 0
+
+    # What a user does next: reload through the Auto class and pick a budget per call.
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
+    input_ids = torch.tensor([[11, 2, 3, 15]])  # [MIN 1 2 ]
+    with torch.no_grad():
+        assert model(input_ids=input_ids, spectral_budget=2).logits.shape == (1, 10)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    output_dir = tmp_path / "listops"
+    overrides = [arg for setting in TINY_SETTINGS for arg in ("--set", setting)]
+    overrides += ["--set", f"training.output_dir={output_dir}", "--set", "training.eval_strategy=no"]
+    train_main([str(REPO / "configs/listops.yaml"), *overrides, "--set", "training.max_steps=3"])
+    train_main([str(REPO / "configs/listops.yaml"), *overrides, "--resume"])
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert sum(budget_counts(state["log_history"]).values()) == 6  # 3 steps before the resume, 3 after

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+import yaml
+from transformers import Trainer
+
+from modeling_essm.tasks import TaskData
+from modeling_essm.training import (
+    PaddingCollator,
+    add_bits_per_byte,
+    build_model_config,
+    build_trainer,
+    load_run_config,
+    train,
+)
+
+
+def write_config(tmp_path, **sections):
+    config = {
+        "task": {"name": "listops", "max_length": 48, "min_length": 20, "train_size": 16, "eval_size": 8},
+        "model": {"hidden_size": 16, "num_hidden_layers": 1, "num_spectral_filters": 8, "intermediate_size": 0},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "use_cpu": True, "report_to": []},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fake_task(**fields):
+    settings = dict(name="fake", train=None, eval=None, num_labels=10, vocab_size=16, input_size=None,
+                    pad_token_id=0, max_length=64, metric="accuracy")
+    return TaskData(**{**settings, **fields})
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = write_config(tmp_path)
+    overrides = ["training.max_steps=7", "budget.grid=[2, 4, 8]", "model.hidden_dropout=0.1", "training.eval_strategy=no"]
+    config = load_run_config(path, overrides + ["training.use_cpu=true"])
+    assert config["training"]["max_steps"] == 7
+    assert config["training"]["eval_strategy"] == "no"  # YAML 1.2: only true/false are booleans
+    assert config["training"]["use_cpu"] is True
+    assert config["budget"]["grid"] == [2, 4, 8]
+    assert config["model"]["hidden_dropout"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        ("task: {name: listops\ntraining: [", ValueError, "malformed YAML in run config"),
+        ("- just\n- a list\n", ValueError, "must be a mapping with sections task, model, budget, training"),
+        ("task: {name: listops}\ntrainer: {}\n", ValueError, r"unknown sections \['trainer'\]"),
+        ("task: {max_length: 64}\ntraining: {output_dir: x}\n", ValueError, "task.name is required"),
+        ("task: {name: listops}\n", ValueError, "training.output_dir is required"),
+        ("task: {name: listops}\nmodel: [1]\ntraining: {output_dir: x}\n", ValueError, "section 'model' must be a mapping"),
+        ("task: {name: listops}\nmodel: {vocab_size: 5}\ntraining: {output_dir: x}\n", ValueError, "come from the task"),
+        ("task: {name: listops}\nmodel: {hiden_size: 5}\ntraining: {output_dir: x}\n", ValueError, r"unknown model fields \['hiden_size'\]"),
+        ("task: {name: text, data_dir: /no/such/data}\ntraining: {output_dir: x}\n", FileNotFoundError, "/no/such/data"),
+    ],
+)
+def test_bad_config_files_give_clear_errors(tmp_path, text, error, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(error, match=message):
+        load_run_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run config not found"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"budget": {"schedule": "cosine"}}, "unknown budget schedule 'cosine'; valid schedules are paper, uniform, fixed"),
+        ({"budget": {"grid": [2, 4, 16]}}, r"budget grid value 16 is outside \[min_budget, num_filters\] = \[2, 8\]"),
+        ({"training": {"max_stepz": 3}}, "invalid training section"),
+        ({"task": {"max_length": 48}, "model": {"max_position_embeddings": 32}}, "shorter than the task's max_length=48"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, monkeypatch, sections, message):
+    def training_started(*args, **kwargs):
+        raise AssertionError("training started despite a bad config")
+
+    monkeypatch.setattr(Trainer, "train", training_started)
+    with pytest.raises(ValueError, match=message):
+        train(load_run_config(write_config(tmp_path, **sections)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_build_trainer_wires_task_model_and_sampler(tmp_path):
+    trainer, task = build_trainer(load_run_config(write_config(tmp_path, budget={"schedule": "fixed", "fixed_budget": 3})))
+    config = trainer.model.config
+    assert (config.vocab_size, config.num_labels, config.pad_token_id) == (task.vocab_size, 10, task.pad_token_id)
+    assert config.max_position_embeddings == task.max_length == 48
+    sampler = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "sampler")).sampler
+    assert sampler.num_filters == 8 and sampler(0) == 3
+
+
+def test_model_config_takes_its_shape_from_the_task():
+    config = build_model_config({"hidden_size": 16, "num_spectral_filters": 4}, fake_task(input_size=1, vocab_size=None))
+    assert (config.input_size, config.num_labels, config.max_position_embeddings) == (1, 10, 64)
+    longer = build_model_config({"max_position_embeddings": 128, "num_spectral_filters": 4}, fake_task())
+    assert longer.max_position_embeddings == 128
+
+
+def test_padding_collator_pads_tokens_values_and_lm_labels():
+    tokens = PaddingCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": 2}, {"input_ids": [8], "labels": 1}])
+    assert tokens["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert tokens["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert tokens["labels"].tolist() == [2, 1]
+
+    values = PaddingCollator(pad_token_id=None)([{"input_values": [0.5, -0.5], "labels": 0}, {"input_values": [1.0], "labels": 3}])
+    assert values["input_values"].dtype == torch.float32
+    assert values["input_values"].tolist() == [[0.5, -0.5], [1.0, 0.0]]
+
+    lm = PaddingCollator(pad_token_id=256, causal_lm=True)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4], "labels": [4]}])
+    assert lm["input_ids"].tolist() == [[1, 2, 3], [4, 256, 256]]
+    assert lm["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+
+
+def test_bits_per_byte_is_the_loss_in_base_two():
+    assert add_bits_per_byte({"eval_loss": math.log(2) * 1.5})["eval_bits_per_byte"] == pytest.approx(1.5)
