@@ -1,0 +1,244 @@
+"""Forward and training-step speed of the reference ES-SSM LM against Llama (SDPA) and Mamba, in one run.
+
+    python scripts/bench_forward.py                     # full run: lengths 1024, 4096, 16384
+    python scripts/bench_forward.py --lengths 512 --budgets 32,4 --repeats 1 --no-write   # smoke run
+
+Every number is the median of `--repeats` timed runs after one warm-up, batch 1, float32. Ratios are
+against ES-SSM at full budget measured in this same run. Peak memory is the growth of the process's
+resident set during one forward (VmHWM after minus VmRSS before, with the high-water mark reset).
+The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured fp32 GEMM rate.
+Results go to docs/bench_forward.json and the marked section of docs/performance.md.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+
+from modeling_essm import ESSSMConfig, ESSSMForCausalLM
+from modeling_essm.modeling_essm import fft_length
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+BEGIN, END = "<!-- bench_forward:begin -->", "<!-- bench_forward:end -->"
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, FFT plans, lazy inits
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(fn) -> float | None:
+    """Resident-set growth while `fn` runs (Linux only; None elsewhere)."""
+    try:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so reuse cannot hide growth
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
+        before = _proc_status_mb("VmRSS")
+        fn()
+        return _proc_status_mb("VmHWM") - before
+    except (OSError, RuntimeError):
+        return None
+
+
+def gemm_gflops(repeats: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+
+
+# --- models at matched size -----------------------------------------------------------------------------
+
+
+def essm(max_len: int) -> ESSSMForCausalLM:
+    config = ESSSMConfig(hidden_size=256, num_hidden_layers=8, num_spectral_filters=32,
+                         max_position_embeddings=max_len)
+    return ESSSMForCausalLM(config).eval()
+
+
+def llama(max_len: int) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=259, hidden_size=384, intermediate_size=1024, num_hidden_layers=12,
+                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=max_len,
+                         tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def mamba(max_len: int) -> MambaForCausalLM:
+    config = MambaConfig(vocab_size=259, hidden_size=384, num_hidden_layers=22, state_size=16, expand=2,
+                         tie_word_embeddings=True)
+    return MambaForCausalLM(config).eval()
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def mixer_flops(config: ESSSMConfig, seq_len: int, budget: int) -> float:
+    """FLOPs of one spectral mixer: gate, skip, spectral GEMM, FFTs (2.5 n log2 n per real FFT), complex products."""
+    d, g, n = config.hidden_size, config.gate_hidden_size, fft_length(seq_len)
+    dense = 2 * seq_len * (d * g + g * budget + d * d + budget * d * d)
+    ffts = (d + budget * d) * 2.5 * n * math.log2(n)
+    products = 6 * (n // 2 + 1) * budget * d + 2 * seq_len * budget * d
+    return dense + ffts + products
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
+def forward_rows(args, lengths, budgets):
+    rows = []
+    for seq_len in lengths:
+        x = torch.randint(0, 256, (1, seq_len))
+        systems = [("ES-SSM", essm(max(lengths)), k) for k in budgets]
+        systems += [("Llama (SDPA)", llama(max(lengths)), None), ("Mamba", mamba(max(lengths)), None)]
+        for name, model, budget in systems:
+            kwargs = {} if budget is None else {"spectral_budget": budget}
+            with torch.no_grad():
+                run = lambda: model(x, **kwargs)  # noqa: E731
+                seconds = median_seconds(run, args.repeats)
+                memory = peak_memory_mb(run)
+            rows.append(dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(model),
+                             seconds=seconds, tokens_per_s=seq_len / seconds, peak_memory_mb=memory))
+            print(f"forward  {name:13} k={budget!s:>4} T={seq_len:>6}: {seq_len / seconds:>9.0f} tok/s, "
+                  f"{memory or float('nan'):8.0f} MB", flush=True)
+            del run
+        del systems
+        gc.collect()
+    return rows
+
+
+def training_rows(args, budgets):
+    rows, seq_len = [], args.train_length
+    x = torch.randint(0, 256, (1, seq_len))
+    systems = [("ES-SSM", essm(seq_len), k) for k in sorted({budgets[0], budgets[-1]}, reverse=True)]
+    systems += [("Llama (SDPA)", llama(seq_len), None), ("Mamba", mamba(seq_len), None)]
+    for name, model, budget in systems:
+        model.train()
+        kwargs = {} if budget is None else {"spectral_budget": budget}
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(x, labels=x, **kwargs).loss.backward()
+
+        seconds = median_seconds(step, args.repeats)
+        rows.append(dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(model),
+                         seconds=seconds, tokens_per_s=seq_len / seconds))
+        print(f"train    {name:13} k={budget!s:>4} T={seq_len:>6}: {seq_len / seconds:>9.0f} tok/s", flush=True)
+    return rows
+
+
+def mixer_row(args, gemm_rate):
+    seq_len = args.mixer_length
+    model = essm(seq_len)
+    mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
+    budget = model.config.num_spectral_filters
+    u = torch.randn(1, seq_len, model.config.hidden_size)
+    with torch.no_grad():
+        spectrum = basis.filter_spectrum(seq_len, budget)
+        seconds = median_seconds(lambda: mixer(u, spectrum, budget), args.repeats)
+    rate = mixer_flops(model.config, seq_len, budget) / seconds / 1e9
+    print(f"mixer    k={budget} T={seq_len}: {rate:.1f} GFLOP/s = {rate / gemm_rate:.0%} of the GEMM rate", flush=True)
+    return dict(seq_len=seq_len, budget=budget, seconds=seconds, gflops=rate, fraction_of_gemm=rate / gemm_rate)
+
+
+def with_ratios(rows):
+    """Adds each row's tokens/s as a ratio to ES-SSM at full budget at the same length."""
+    full = {r["seq_len"]: r["tokens_per_s"] for r in rows if r["model"] == "ES-SSM" and r["budget"] == 32}
+    return [dict(r, speed_vs_full=r["tokens_per_s"] / full[r["seq_len"]] if r["seq_len"] in full else None)
+            for r in rows]
+
+
+def markdown(result) -> str:
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"Command: `{result['command']}`  ",
+             f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, float32, batch 1. "
+             f"Medians of {result['repeats']} runs after a warm-up.", "",
+             f"Measured fp32 GEMM rate (2048^3): **{result['gemm_gflops']:.1f} GFLOP/s**. "
+             f"ES-SSM mixer at k={result['mixer']['budget']}, L={result['mixer']['seq_len']}: "
+             f"{result['mixer']['gflops']:.1f} GFLOP/s = **{result['mixer']['fraction_of_gemm']:.0%}** of it.", "",
+             "Forward (inference):", "",
+             "| model | budget | length | parameters | tokens/s | vs ES-SSM k=32 | peak memory (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["forward"]:
+        lines.append(f"| {r['model']} | {r['budget'] or '-'} | {r['seq_len']} | {r['parameters'] / 1e6:.2f}M | "
+                     f"{r['tokens_per_s']:.0f} | {fmt(r['speed_vs_full'], '.2f')}x | {fmt(r['peak_memory_mb'], '.0f')} |")
+    lines += ["", f"Training step (forward + backward), length {result['training'][0]['seq_len']}:", "",
+              "| model | budget | parameters | tokens/s | vs ES-SSM k=32 |", "|---|---|---|---|---|"]
+    for r in result["training"]:
+        lines.append(f"| {r['model']} | {r['budget'] or '-'} | {r['parameters'] / 1e6:.2f}M | "
+                     f"{r['tokens_per_s']:.0f} | {fmt(r['speed_vs_full'], '.2f')}x |")
+    return "\n".join(lines)
+
+
+def write(result):
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "bench_forward.json").write_text(json.dumps(result, indent=2) + "\n")
+    page = DOCS / "performance.md"
+    text = page.read_text() if page.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{page} lacks the markers {BEGIN} / {END}: not overwriting hand-written text.")
+    head, rest = text.split(BEGIN, 1)
+    page.write_text(f"{head}{BEGIN}\n{markdown(result)}\n{END}{rest.split(END, 1)[1]}")
+    print(f"wrote {DOCS / 'bench_forward.json'} and {page}")
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"--{name} values must be positive, got {text!r}")
+    return values
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="1024,4096,16384")
+    parser.add_argument("--budgets", default="32,16,8,4,2")
+    parser.add_argument("--train-length", type=int, default=4096)
+    parser.add_argument("--mixer-length", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    lengths, budgets = parse_ints(args.lengths, "lengths"), sorted(parse_ints(args.budgets, "budgets"), reverse=True)
+    if budgets[0] != 32 or budgets[-1] < 2:
+        raise SystemExit("--budgets must include 32 (the full budget, the reference of every ratio) and stay >= 2")
+    torch.manual_seed(0)
+    gemm_rate = gemm_gflops(args.repeats)
+    print(f"fp32 GEMM: {gemm_rate:.1f} GFLOP/s", flush=True)
+    result = dict(command="python scripts/bench_forward.py " + " ".join(
+                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"),
+                  machine=platform.processor() or platform.machine(),
+                  torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
+                  gemm_gflops=gemm_rate, mixer=mixer_row(args, gemm_rate),
+                  forward=with_ratios(forward_rows(args, lengths, budgets)),
+                  training=with_ratios(training_rows(args, budgets)))
+    print(markdown(result))
+    if not args.no_write:
+        write(result)
+
+
+if __name__ == "__main__":
+    main()
