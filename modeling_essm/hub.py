@@ -227,7 +227,7 @@ def stage_repository(folder: Path, model, tokenizer, card: ModelCard, sweep=None
     return folder
 
 
-def upload_folder(folder: Path, repo_id: str, commit_message: str, private=None, token=None):
+def commit_folder(folder: Path, repo_id: str, commit_message: str, private=None, token=None):
     """Create the repository if needed and commit every file of `folder` to it in one commit."""
     hub_api.create_repo(repo_id, private=private, token=token, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
@@ -258,7 +258,7 @@ def push_essm_to_hub(model_folder, repo_id, budgets=(), sweep=None, private=None
         for k, (compact_id, compact) in compacts.items():
             card = compact_model_card(compact, compact_id, repo_id, model.num_parameters(), has_tokenizer)
             folders[compact_id] = stage_repository(staging / f"k{k}", compact, tokenizer, card)
-        return {target: upload_folder(folder, target, commit_message, private, token).commit_url
+        return {target: commit_folder(folder, target, commit_message, private, token).commit_url
                 for target, folder in folders.items()}
 
 
