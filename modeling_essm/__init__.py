@@ -1,6 +1,6 @@
 """ES-SSM for Hugging Face transformers. Importing this package registers the Auto classes for model_type "essm"."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import (
@@ -10,17 +10,20 @@ from .modeling_essm import (
     ESSSMPreTrainedModel,
     resolve_spectral_budget,
 )
+from .tokenization_essm import ESSSMTokenizer
 
 AutoConfig.register("essm", ESSSMConfig)
 AutoModel.register(ESSSMConfig, ESSSMModel)
 AutoModelForCausalLM.register(ESSSMConfig, ESSSMForCausalLM)
 AutoModelForSequenceClassification.register(ESSSMConfig, ESSSMForSequenceClassification)
+AutoTokenizer.register(ESSSMConfig, tokenizer_class=ESSSMTokenizer)
 
 # save_pretrained copies the modeling files (and what they import relatively) next to the weights.
 ESSSMConfig.register_for_auto_class()
 ESSSMModel.register_for_auto_class("AutoModel")
 ESSSMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 ESSSMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+ESSSMTokenizer.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
     "ESSSMConfig",
@@ -28,5 +31,6 @@ __all__ = [
     "ESSSMModel",
     "ESSSMForCausalLM",
     "ESSSMForSequenceClassification",
+    "ESSSMTokenizer",
     "resolve_spectral_budget",
 ]
