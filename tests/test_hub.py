@@ -25,7 +25,7 @@ from conftest import tiny_config
 from huggingface_hub import CommitInfo, CommitOperationAdd, ModelCard, RepoUrl
 
 import modeling_essm.hub
-from modeling_essm import ESSSMForCausalLM
+from modeling_essm import ESSSMForCausalLM, ESSSMTokenizer
 from modeling_essm.evaluation import write_report
 from modeling_essm.hub import main
 
@@ -97,6 +97,7 @@ def model():
 def saved_folder(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved")
     model.save_pretrained(folder)
+    ESSSMTokenizer().save_pretrained(folder)
     return folder
 
 
@@ -126,13 +127,16 @@ CLEAN_PROCESS = textwrap.dedent(
     import json, sys, traceback
     sys.modules["modeling_essm"] = None  # only the code pushed to the Hub may run
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = json.loads(sys.argv[1])
     x = torch.tensor(spec["input_ids"])
-    logits, modules, snippets = {}, {}, {}
+    logits, modules, tokens, snippets = {}, {}, {}, {}
     for repo_id, budgets in spec["models"].items():
         model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True).eval()
         modules[repo_id] = type(model).__module__
+        if repo_id in spec["snippets"]:  # pushed with the tokenizer
+            tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)
+            tokens[repo_id] = {"module": type(tokenizer).__module__, "ids": tokenizer("To be, or not to be")["input_ids"]}
         with torch.no_grad():
             logits[repo_id] = {str(k): model(x, spectral_budget=k).logits.tolist() for k in budgets}
     for repo_id, code in spec["snippets"].items():
@@ -141,7 +145,7 @@ CLEAN_PROCESS = textwrap.dedent(
             snippets[repo_id] = "ok"
         except Exception:
             snippets[repo_id] = traceback.format_exc()
-    print(json.dumps({"logits": logits, "modules": modules, "snippets": snippets}))
+    print(json.dumps({"logits": logits, "modules": modules, "tokens": tokens, "snippets": snippets}))
     """
 )
 
@@ -178,9 +182,10 @@ def budget(k):
 def test_the_repository_holds_everything_a_user_needs(pushed, saved_folder):
     snapshot = pushed.snapshot(REPO)
     files = {path.name for path in snapshot.iterdir()}
-    # Exactly what save_pretrained writes (weights, config, generation config, modeling code), card and plot.
+    # Exactly what save_pretrained writes (model and tokenizer, with their code), the card and the plot.
     assert files == {path.name for path in saved_folder.iterdir()} | {"README.md", "budget_sweep.png"}
-    assert {"model.safetensors", "generation_config.json", "configuration_essm.py", "modeling_essm.py"} <= files
+    assert {"model.safetensors", "generation_config.json", "configuration_essm.py", "modeling_essm.py",
+            "tokenizer_config.json", "tokenization_essm.py"} <= files
     auto_map = json.loads((snapshot / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert (snapshot / "budget_sweep.png").read_bytes().startswith(b"\x89PNG")
@@ -192,6 +197,7 @@ def test_the_model_card_shows_usage_at_a_budget_the_sweep_and_the_compact_export
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert "custom_code" in card.data.tags
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)' in card.text
+    assert f'AutoTokenizer.from_pretrained("{REPO}", trust_remote_code=True)' in card.text
     assert "model(**inputs, spectral_budget=4)" in card.text
     assert "model.generate(**inputs, spectral_budget=4" in card.text
     for k in (2, 4, 8, K):  # one table row per swept budget
@@ -206,6 +212,13 @@ def test_logits_by_repo_id_in_a_clean_process_equal_the_original(model, loaded_b
     with torch.no_grad():
         for k, logits in loaded_by_repo_id["logits"][REPO].items():
             assert torch.equal(torch.tensor(logits), model(tokens(), spectral_budget=budget(k)).logits), k
+
+
+def test_the_tokenizer_loads_by_repo_id_from_the_pushed_code(loaded_by_repo_id):
+    assert set(loaded_by_repo_id["tokens"]) == {REPO, *(f"{REPO}-k{k}" for k in COMPACT_BUDGETS)}
+    for tokenizer in loaded_by_repo_id["tokens"].values():
+        assert tokenizer["module"].startswith("transformers_modules")
+        assert tokenizer["ids"] == list(b"To be, or not to be")
 
 
 def test_model_push_to_hub_alone_makes_a_loadable_repository(model, pushed, loaded_by_repo_id):
