@@ -100,9 +100,9 @@ class ESSSMSpectralMixer(nn.Module):
 
     def gate(self, u: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         """Per-token mixing weights over the active channels: (B, T, D) -> (B, T, k), float32, rows sum to 1."""
-        hidden = F.gelu(self.gate_in(u))
-        logits = F.linear(hidden, self.gate_out.weight[:spectral_budget], self.gate_out.bias[:spectral_budget])
-        logits = logits.float()
+        # Calling gate_out whole (K logits, a tiny cost) keeps it an ordinary layer that adapters such as
+        # LoRA can wrap; the logits above the budget are dropped, so their rows get exactly zero gradient.
+        logits = self.gate_out(F.gelu(self.gate_in(u)))[..., :spectral_budget].float()
         rms_rescale = math.sqrt(spectral_budget) / logits.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return torch.softmax(logits * rms_rescale, dim=-1)
 
