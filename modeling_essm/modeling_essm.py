@@ -18,8 +18,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .cache_essm import ESSSMCache
 from .configuration_essm import ESSSMConfig
 from .spectral_filters import spectral_filters
 
@@ -75,6 +77,31 @@ class ESSSMSpectralBasis(nn.Module):
         scaled_filters = self.filters[:seq_len, :spectral_budget].float() * scale  # (T, k)
         return torch.fft.rfft(scaled_filters.T, n=fft_length(seq_len))
 
+    def scaled_filters(self, length: int, spectral_budget: int) -> torch.Tensor:
+        """The first `length` taps of the first `spectral_budget` filters, times sigma^(1/4): (length, k) float32."""
+        scale = self.eigenvalues[:spectral_budget].float().clamp_min(0.0).pow(0.25)
+        return self.filters[:length, :spectral_budget].float() * scale
+
+    def causal_convolution(self, inputs: torch.Tensor, start: int, stop: int, spectral_budget: int,
+                           chunk_size: int) -> torch.Tensor:
+        """Outputs start..stop-1 of the causal convolutions of `inputs` with the scaled filters, by one FFT.
+
+        inputs (B, S, D) with S <= stop are taken as zero from S on. Returns (B, stop - start, k, D) float32.
+        Decoding needs such windows: the outputs of a chunk of new tokens, or what a history adds to the future.
+        """
+        batch, length, hidden = inputs.shape
+        # A circular convolution equals the causal one on these outputs as long as no input wraps around onto them.
+        n_fft = fft_length(math.ceil((stop + max(0, length - 1 - start)) / 2))
+        # Time is the last axis during the FFTs, as in forward: they and the products are fastest along it.
+        input_spectrum = torch.fft.rfft(inputs.float().transpose(1, 2), n=n_fft)  # (B, D, F)
+        filter_spectrum = torch.fft.rfft(self.scaled_filters(stop, spectral_budget).T, n=n_fft)  # (k, F)
+        out = inputs.new_empty(batch, stop - start, spectral_budget, hidden, dtype=torch.float32)
+        for first in range(0, spectral_budget, chunk_size):  # bounds the (B, chunk, D, n_fft) intermediate
+            last = min(first + chunk_size, spectral_budget)
+            spectra = input_spectrum.unsqueeze(1) * filter_spectrum[first:last, None]  # (B, c, D, F)
+            out[:, :, first:last] = torch.fft.irfft(spectra, n=n_fft)[..., start:stop].permute(0, 3, 1, 2)
+        return out
+
 
 class ESSSMSpectralMixer(nn.Module):
     """The sequence mixer of one block (DESIGN 1.2).
@@ -124,6 +151,17 @@ class ESSSMSpectralMixer(nn.Module):
             y = y + features.transpose(1, 2) @ self.spectral_proj[start:stop].reshape(-1, hidden).to(features.dtype)
         return y.to(u.dtype)
 
+    def step(self, u: torch.Tensor, cache_layer, spectral_basis: ESSSMSpectralBasis, spectral_budget: int):
+        """Outputs (B, n, D) at the positions u (B, n, D) adds to the history in `cache_layer`; n = 1 when decoding."""
+        return self.mix(u, cache_layer.convolve(u, spectral_basis, spectral_budget), spectral_budget)
+
+    def mix(self, u: torch.Tensor, conv: torch.Tensor, spectral_budget: int) -> torch.Tensor:
+        """Gate and project the active channels' convolutions: u (B, n, D), conv (B, n, k, D) -> (B, n, D)."""
+        batch, seq_len, hidden = u.shape
+        features = (conv * self.gate(u, spectral_budget)[..., None]).reshape(batch, seq_len, -1)  # (B, n, k*D)
+        y = self.skip_proj(u) + features @ self.spectral_proj[:spectral_budget].reshape(-1, hidden).to(features.dtype)
+        return y.to(u.dtype)
+
 
 class ESSSMFeedForward(nn.Module):
     def __init__(self, config: ESSSMConfig):
@@ -155,6 +193,7 @@ class ESSSMBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: ESSSMConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         drop_path = config.drop_path_rate * layer_idx / max(1, config.num_hidden_layers - 1)
         self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mixer = ESSSMSpectralMixer(config)
@@ -163,11 +202,19 @@ class ESSSMBlock(GradientCheckpointingLayer):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.intermediate_size else None
         self.ffn = ESSSMFeedForward(config) if config.intermediate_size else None
 
-    def forward(self, hidden_states, filter_spectrum, spectral_budget: int, padding_mask=None):
+    def forward(self, hidden_states, filter_spectrum, spectral_budget: int, padding_mask=None, cache=None,
+                spectral_basis=None):
         u = self.mixer_norm(hidden_states)
         if padding_mask is not None:
             u = u * padding_mask  # padded positions must not leak into later positions through the convolution
-        hidden_states = hidden_states + self.drop_path(self.dropout(self.mixer(u, filter_spectrum, spectral_budget)))
+        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        if cache_layer is not None and cache_layer.get_seq_length() > 0:  # continuing a cached history
+            mixed = self.mixer.step(u, cache_layer, spectral_basis, spectral_budget)
+        else:
+            mixed = self.mixer(u, filter_spectrum, spectral_budget)
+            if cache_layer is not None:
+                cache_layer.append(u)
+        hidden_states = hidden_states + self.drop_path(self.dropout(mixed))
         if self.ffn is not None:
             hidden_states = hidden_states + self.drop_path(self.ffn(self.ffn_norm(hidden_states)))
         return hidden_states
@@ -255,6 +302,8 @@ class ESSSMModel(ESSSMPreTrainedModel):
                              f"got {tuple(input_values.shape)}.")
         return self.input_proj(input_values.to(self.input_proj.weight.dtype))
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -263,34 +312,71 @@ class ESSSMModel(ESSSMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         input_values: torch.Tensor | None = None,
         spectral_budget: int | None = None,
+        cache: ESSSMCache | None = None,
+        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        cache (`ESSSMCache`, *optional*):
+            Continue this cache: the inputs are the tokens it has not seen, and `attention_mask` covers either
+            them or the whole sequence. It is updated in place and returned.
+        use_cache (`bool`, *optional*):
+            Start a new cache and return it. Off by default: a cache keeps every block's input alive.
+        """
         budget = resolve_spectral_budget(spectral_budget, self.config)
         hidden_states = self.embed(input_ids, inputs_embeds, input_values)  # (B, T, D)
         seq_len = hidden_states.shape[1]
-        if seq_len > self.config.max_position_embeddings:
+        if cache is not None and not isinstance(cache, ESSSMCache):
+            raise ValueError(f"ES-SSM continues only an ESSSMCache (it keeps every block's whole input history), got "
+                             f"{type(cache).__name__}. Pass use_cache=True without a cache to start one.")
+        if use_cache and cache is None:
+            cache = ESSSMCache(self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + seq_len > self.config.max_position_embeddings:
             raise ValueError(
-                f"Input sequence length {seq_len} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}, the length of the spectral filters. Build the model with a "
+                f"Input sequence length {past + seq_len} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}, the length of the spectral filters"
+                f"{f' ({past} cached + {seq_len} new tokens)' if past else ''}. Build the model with a "
                 f"larger `max_position_embeddings` in its config to process longer sequences."
             )
+        if past and attention_mask is not None and attention_mask.shape[1] not in (seq_len, past + seq_len):
+            raise ValueError(f"With a cache of {past} tokens and {seq_len} new ones, attention_mask must cover the new "
+                             f"tokens or all {past + seq_len}; got length {attention_mask.shape[1]}.")
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         padding_mask = None
         if attention_mask is not None:
             padding_mask = attention_mask[:, -seq_len:, None].to(hidden_states.dtype)  # (B, T, 1)
-        filter_spectrum = self.spectral_basis.filter_spectrum(seq_len, budget)  # shared by every block
+        if cache is not None:
+            self._extend_cache(cache, hidden_states, padding_mask, budget)
+        # Blocks continuing a cache convolve from their history instead; the whole-sequence path needs the spectrum.
+        filter_spectrum = self.spectral_basis.filter_spectrum(seq_len, budget) if past == 0 else None
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, filter_spectrum, budget, padding_mask)
+            hidden_states = block(hidden_states, filter_spectrum, budget, padding_mask, cache=cache,
+                                  spectral_basis=self.spectral_basis)
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+    def _extend_cache(self, cache: ESSSMCache, embeddings: torch.Tensor, padding_mask, budget: int) -> None:
+        """Record the new block-0 inputs, after rebuilding the history if the cache was built at another budget."""
+        if cache.get_seq_length() > 0 and cache.spectral_budget != budget:
+            # Block 0's inputs are the same at every budget, deeper ones are not: one forward pass over the history
+            # at the new budget gives every block the inputs a full forward at that budget would give it.
+            rebuilt = ESSSMCache(self.config, future_fill=cache.future_fill)
+            self(inputs_embeds=cache.embeddings.values, attention_mask=cache.attention_mask.values,
+                 spectral_budget=budget, cache=rebuilt, output_hidden_states=False)
+            cache.layers = rebuilt.layers
+        cache.spectral_budget = budget
+        cache.embeddings.append(embeddings)
+        mask = padding_mask[..., 0] if padding_mask is not None else embeddings.new_ones(embeddings.shape[:2])
+        cache.attention_mask.append(mask)
 
 
 class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
@@ -303,7 +389,12 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         self.model = ESSSMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # A generation config flagged as derived from the model config loses custom entries when reloaded, and
+        # a default `spectral_budget` is one.
+        self.generation_config._from_model_config = False
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -312,6 +403,8 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         spectral_budget: int | None = None,
+        cache: ESSSMCache | None = None,
+        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -321,6 +414,8 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             spectral_budget=spectral_budget,
+            cache=cache,
+            use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
@@ -329,7 +424,34 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states)
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        # A budget set on a generation config (e.g. the model's, saved with it) stays there unless handed on; a
+        # generate kwarg overrides it. Every forward gets it as a Python int: beam expansion repeats tensors.
+        budget = model_kwargs.pop("spectral_budget", getattr(generation_config, "spectral_budget", None))
+        model_kwargs["spectral_budget"] = resolve_spectral_budget(budget, self.config)
+        return generation_config, model_kwargs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        # Runs before any forward pass: refuse here what the filters are too short for, not after the work.
+        cache = model_kwargs.get("cache")
+        seen = cache.get_seq_length() if isinstance(cache, ESSSMCache) else 0
+        final_length = seen + max_cache_length + 1
+        if final_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"generate would produce sequences of {final_length} tokens ({seen} cached + prompt + new tokens), "
+                f"more than max_position_embeddings={self.config.max_position_embeddings}, the length of the "
+                "spectral filters. Ask for fewer new tokens or build the model with a larger `max_position_embeddings`."
+            )
+        if cache is None and generation_config.use_cache:
+            model_kwargs["cache"] = ESSSMCache(self.config)  # generate would build a DynamicCache otherwise
+        else:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                  max_cache_length)
 
 
 class ESSSMForSequenceClassification(ESSSMPreTrainedModel):
