@@ -1,6 +1,5 @@
 import json
 import math
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_trainer import NUM_FILTERS, record_budgets, tiny_dataset, tiny_model, tiny_trainer
+from tiny_trainer import NUM_FILTERS, free_port, record_budgets, tiny_dataset, tiny_model, tiny_trainer
 from transformers import TrainerCallback
 
 from modeling_essm.budget import BudgetSampler, BudgetSamplingCallback, default_budget_grid
@@ -251,9 +250,3 @@ def test_torchrun_ranks_agree_on_every_budget(tmp_path):
     budgets = [training_budgets(rank["records"]) for rank in ranks]
     assert budgets[0] == budgets[1]
     assert [step for step, _ in budgets[0]] == [step for step in range(6) for _ in range(2)]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

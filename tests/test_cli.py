@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_trainer import free_port
 from transformers import AutoModelForSequenceClassification
 
 from modeling_essm.cli import train_main
@@ -29,6 +30,12 @@ TINY_SETTINGS = [
 ]
 
 
+def tiny_overrides(output_dir, *settings):
+    """`--set` arguments for the tiny main-command settings, writing to output_dir."""
+    settings = [*TINY_SETTINGS, f"training.output_dir={output_dir}", *settings]
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 def run_script(name, *args):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True, timeout=300, cwd=REPO
@@ -39,8 +46,7 @@ def run_script(name, *args):
 
 def test_main_command_trains_then_sweeps_every_budget(tmp_path):
     output_dir = tmp_path / "listops"
-    overrides = [arg for setting in TINY_SETTINGS for arg in ("--set", setting)]
-    train_output = run_script("train.py", "configs/listops.yaml", *overrides, "--set", f"training.output_dir={output_dir}")
+    train_output = run_script("train.py", "configs/listops.yaml", *tiny_overrides(output_dir))
     assert "steps per training budget:" in train_output
     assert (output_dir / "checkpoint-6").is_dir() and (output_dir / "run_config.yaml").is_file()
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -67,10 +73,24 @@ def test_main_command_trains_then_sweeps_every_budget(tmp_path):
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     output_dir = tmp_path / "listops"
-    overrides = [arg for setting in TINY_SETTINGS for arg in ("--set", setting)]
-    overrides += ["--set", f"training.output_dir={output_dir}", "--set", "training.eval_strategy=no"]
+    overrides = tiny_overrides(output_dir, "training.eval_strategy=no")
     train_main([str(REPO / "configs/listops.yaml"), *overrides, "--set", "training.max_steps=3"])
     train_main([str(REPO / "configs/listops.yaml"), *overrides, "--resume"])
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert sum(budget_counts(state["log_history"]).values()) == 6  # 3 steps before the resume, 3 after
+
+
+def test_accelerate_launch_trains_on_two_processes(tmp_path):
+    output_dir = tmp_path / "listops"
+    overrides = tiny_overrides(output_dir, "training.eval_strategy=no", "training.max_steps=3")
+    # --multi_gpu selects accelerate's torchrun launcher; use_cpu in the config makes it a gloo run on CPU.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    result = subprocess.run([*launcher, str(REPO / "scripts" / "train.py"), str(REPO / "configs/listops.yaml"), *overrides],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    # 48 examples in batches of 8 per process: 3 steps are one epoch with two processes, half of one with one.
+    assert state["global_step"] == 3 and state["epoch"] == 1.0

@@ -7,6 +7,7 @@ trains with budget dropout and writes, for this rank, the budget every training 
 import json
 import os
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -83,6 +84,13 @@ def record_budgets(trainer):
     # A forward hook runs after every pre-hook, so it sees the kwargs the callback's pre-hook set.
     trainer.model.register_forward_hook(record, with_kwargs=True)
     return records
+
+
+def free_port():
+    """A free TCP port for a test's torchrun or accelerate rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def ddp_worker(output_dir):
