@@ -70,11 +70,18 @@ def sweep_budgets(model, dataset, collator, budgets, batch_size=32, causal_lm=Fa
         for budget in budgets:
             start = time.perf_counter()
             logits = model(**inputs, spectral_budget=budget).logits
+            synchronize(model.device)
             stats[budget].update(logits, batch["labels"], tokens, time.perf_counter() - start)
     return [
         {"budget": budget, **stats[budget].summary(), "parameters": model.slice_to_budget(budget).num_parameters()}
         for budget in budgets
     ]
+
+
+def synchronize(device):
+    # CUDA kernels run asynchronously: wait for them before reading the clock.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def without_labels(batch):
@@ -146,7 +153,8 @@ def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, 
     task_section = dict(load_run_config(model_dir / RUN_CONFIG_NAME)["task"])
     task = load_task(task_section.pop("name"), **task_section)
     auto_class = auto_class_for(task)
-    model = auto_class.from_pretrained(model_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = auto_class.from_pretrained(model_dir).to(device).eval()
     config = model.config
     budgets = sorted(budgets or default_budget_grid(config.num_spectral_filters, config.min_spectral_budget))
     dataset = task.eval if max_eval_samples is None else task.eval.select(range(min(max_eval_samples, len(task.eval))))
