@@ -117,8 +117,10 @@ def plot_sweep(rows, path, title):
     figure, (quality, cost) = plt.subplots(1, 2, figsize=(10, 4))
     quality.plot(budgets, [row[metric] for row in rows], marker="o")
     quality.set(xlabel="spectral budget k", ylabel=metric.replace("_", " "), title=title)
-    cost.plot(budgets, [row["parameters"] / 1e6 for row in rows], marker="o", label="parameters (M)")
-    cost.set(xlabel="spectral budget k", ylabel="parameters (M)", title="cost")
+    quality.set_ylim(bottom=0)  # from zero, so that small wiggles look small
+    cost.plot(budgets, [row["parameters"] / 1e6 for row in rows], marker="o", color="tab:blue")
+    cost.set(xlabel="spectral budget k", title="cost")
+    cost.set_ylabel("parameters (M)", color="tab:blue")
     throughput = cost.twinx()
     throughput.plot(budgets, [row["tokens_per_second"] for row in rows], marker="s", color="tab:orange")
     throughput.set_ylabel("tokens/s", color="tab:orange")
