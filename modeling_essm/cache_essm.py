@@ -9,10 +9,14 @@ below it). The cache therefore records the budget it was built at and keeps bloc
 embeddings); continuing at another budget rebuilds the deeper histories from it.
 
 Decoding cost: summing the whole history for every new token (the naive cache) is O(t k D) per token and
-layer. Epoched FutureFill splits the history at the start t0 of an epoch of E steps: one FFT computes how all
-of u[:t0] contributes to the outputs t0..t0+E-1, and each step adds only the direct sum over u[t0:t+1]. With
-E ~ sqrt(t0 log t0) the amortised cost per token is O(sqrt(t log t) k D). The naive cache is the same code
-with a single epoch [0, L) that never needs an FFT; it is kept as the reference FutureFill is tested against.
+layer. Epoched FutureFill splits time into epochs of E steps, aligned to multiples of E: at the start t0 of
+an epoch it computes how all of u[:t0] contributes to the outputs t0..t0+E-1, and each step then adds only
+the direct sum over u[t0:t+1] (at most E rows). The contribution is computed block by block: block b of the
+history reaches the epoch through one 2E-tap segment of the filters, so it is a size-2E FFT convolution, and
+summing the blocks' products in the frequency domain is a matrix product, which costs far less than one long
+FFT. Per epoch that is O(t0 k D) (the products) plus O(E log E k D) (one inverse FFT); with E ~ 3 sqrt(t) the
+amortised cost per token is O(sqrt(t) k D). The naive cache is the same code with a single epoch [0, L)
+that needs no FFT; it is kept as the reference FutureFill is tested against.
 """
 
 import math
@@ -22,16 +26,39 @@ from transformers.cache_utils import Cache, LinearAttentionLayer
 
 from .configuration_essm import ESSSMConfig
 
-# E = EPOCH_SCALE * sqrt(t0 log2 t0): the epoch FFT costs ~50x more per input row than a direct-sum row
-# (measured on CPU at D=256), so longer epochs than sqrt(t log t) pay off; 2 also keeps the FutureFill
-# buffer (E x k x D floats per layer) under the size of the input history at long contexts.
-EPOCH_SCALE = 2.0
-MIN_EPOCH = 16
+def epoch_length(position: int) -> int:
+    """E for an epoch that serves `position`: a power of two (fast FFTs of size 2E) near 3 sqrt(position).
+
+    Per token, an epoch's block products cost ~t/E rows and the direct sum ~E/2 rows; E ~ sqrt(t) balances them
+    (3 was the fastest factor on CPU at D = 256 and t = 512..8192).
+    """
+    return 2 ** max(4, round(math.log2(3 * math.sqrt(max(position, 1)))))
 
 
-def epoch_length(start: int) -> int:
-    """Steps served by one FutureFill FFT taken at position `start`."""
-    return max(MIN_EPOCH, math.ceil(EPOCH_SCALE * math.sqrt(start * math.log2(max(start, 2)))))
+def filter_segment_spectra(filters: torch.Tensor, size: int) -> torch.Tensor:
+    """rFFTs (size 2E) of the filter segments filters[(d-1)E : (d+1)E], d = 1, 2, ...: (n, E + 1, k) complex64.
+
+    Input block b reaches the epoch that starts at block m through lags (m-b-1)E+1 .. (m-b+1)E-1: segment m-b.
+    """
+    padded = torch.nn.functional.pad(filters.T, (0, 2 * size))  # (k, L + 2E), taps past L never reach an output < L
+    segments = padded.unfold(1, 2 * size, size)  # (k, n, 2E)
+    return torch.fft.rfft(segments, dim=-1).permute(1, 2, 0)
+
+
+def future_contributions(history: torch.Tensor, segment_spectra: torch.Tensor) -> torch.Tensor:
+    """What history (B, mE, D) adds to the next E outputs: (B, E, k, D) float32, block by block, exactly.
+
+    The output p of the epoch gets sum_i u_b[i] phi[(m-b)E + p - i] from block b: entry E + p of the linear
+    convolution of u_b (E taps) with segment m-b (2E taps), which a circular one of size 2E gets right, since
+    nothing past entry 3E - 2 could wrap onto it.
+    """
+    size = segment_spectra.shape[1] - 1
+    batch, length, hidden = history.shape
+    blocks = history.float().reshape(batch, length // size, size, hidden)
+    block_spectra = torch.fft.rfft(blocks, n=2 * size, dim=2)  # (B, m, E + 1, D)
+    segments = segment_spectra[: length // size].flip(0)  # segment m-b for block b
+    spectrum = torch.einsum("bnfd,nfk->bkdf", block_spectra, segments)  # (B, k, D, E + 1): summed over blocks
+    return torch.fft.irfft(spectrum, n=2 * size)[..., size:].permute(0, 3, 1, 2).contiguous()
 
 
 class TimeBuffer:
@@ -92,21 +119,24 @@ class ESSSMCacheLayer(LinearAttentionLayer):
             return spectral_basis.causal_convolution(self.inputs.values, start, self.inputs.length, spectral_budget,
                                                      self.chunk_size)
         if start >= self.epoch_stop:
-            self.begin_epoch(start if self.future_fill else 0, spectral_basis, spectral_budget)
+            self.begin_epoch(start, spectral_basis, spectral_budget)
         window = self.inputs.values[:, self.epoch_start :].float()  # (B, w, D), w = start - epoch_start + 1
         conv = torch.einsum("sk,bsd->bkd", self.window_filters[-window.shape[1] :], window)  # (B, k, D)
         if self.future is not None:
             conv = conv + self.future[:, start - self.epoch_start]
         return conv.unsqueeze(1)
 
-    def begin_epoch(self, start: int, spectral_basis, spectral_budget: int) -> None:
-        stop = min(start + epoch_length(start), self.max_length) if self.future_fill else self.max_length
-        self.epoch_start, self.epoch_stop = start, stop
-        self.window_filters = spectral_basis.scaled_filters(stop - start, spectral_budget).flip(0)
-        self.future = None
-        if start > 0:  # the naive cache never gets here: its only epoch starts at 0
-            self.future = spectral_basis.causal_convolution(self.inputs.values[:, :start], start, stop,
-                                                            spectral_budget, self.chunk_size)
+    def begin_epoch(self, position: int, spectral_basis, spectral_budget: int) -> None:
+        """Start the epoch that serves `position`: the naive cache's only one, or the aligned one of length E."""
+        size = epoch_length(position) if self.future_fill else self.max_length
+        if self.window_filters is None or len(self.window_filters) != size:  # E grows with the context, rarely
+            filters = spectral_basis.scaled_filters(self.max_length, spectral_budget)  # (L, k)
+            self.window_filters = filters[:size].flip(0)
+            self.segment_spectra = filter_segment_spectra(filters, size) if self.future_fill else None
+        self.epoch_start = position // size * size
+        self.epoch_stop = min(self.epoch_start + size, self.max_length)
+        history = self.inputs.values[:, : self.epoch_start]
+        self.future = future_contributions(history, self.segment_spectra) if self.epoch_start else None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.inputs.index_select(beam_idx)
@@ -116,7 +146,8 @@ class ESSSMCacheLayer(LinearAttentionLayer):
     def reset(self) -> None:
         self.inputs = TimeBuffer(self.max_length)  # (B, t, D) mixer inputs u
         self.epoch_start, self.epoch_stop = 0, 0  # the epoch serves outputs epoch_start..epoch_stop-1
-        self.window_filters = None  # (epoch_stop - epoch_start, k): time-reversed filters of the direct sum
+        self.window_filters = None  # (E, k): time-reversed filters of the direct sum
+        self.segment_spectra = None  # (n, E + 1, k): see filter_segment_spectra
         self.future = None  # (B, epoch_stop - epoch_start, k, D): what u[:epoch_start] adds to those outputs
 
 
@@ -142,6 +173,10 @@ class ESSSMCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()
 
+    @property
+    def batch_size(self) -> int:
+        return self.embeddings.data.shape[0] if self.embeddings.data is not None else -1
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.embeddings.index_select(beam_idx)
@@ -154,4 +189,4 @@ class ESSSMCache(Cache):
         self.spectral_budget = None
 
 
-__all__ = ["ESSSMCache", "ESSSMCacheLayer", "TimeBuffer", "epoch_length"]
+__all__ = ["ESSSMCache", "ESSSMCacheLayer", "TimeBuffer", "epoch_length", "future_contributions"]

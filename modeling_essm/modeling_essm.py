@@ -340,6 +340,9 @@ class ESSSMModel(ESSSMPreTrainedModel):
                 f"{f' ({past} cached + {seq_len} new tokens)' if past else ''}. Build the model with a "
                 f"larger `max_position_embeddings` in its config to process longer sequences."
             )
+        if past and cache.batch_size != hidden_states.shape[0]:
+            raise ValueError(f"The cache holds {cache.batch_size} sequences but the inputs have "
+                             f"{hidden_states.shape[0]}; cache.reorder_cache(rows) selects or repeats its rows.")
         if past and attention_mask is not None and attention_mask.shape[1] not in (seq_len, past + seq_len):
             raise ValueError(f"With a cache of {past} tokens and {seq_len} new ones, attention_mask must cover the new "
                              f"tokens or all {past + seq_len}; got length {attention_mask.shape[1]}.")

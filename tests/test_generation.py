@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, pipeline
 
 from modeling_essm import ESSSMForCausalLM, ESSSMTokenizer
-from modeling_essm.cache_essm import ESSSMCache, epoch_length
+from modeling_essm.cache_essm import ESSSMCache, epoch_length, filter_segment_spectra, future_contributions
 
 K = 16  # num_spectral_filters of tiny_config
 L = 128  # its max_position_embeddings
@@ -82,7 +82,7 @@ def test_token_by_token_decoding_equals_the_full_forward(lm, k):
 def test_future_fill_equals_the_naive_cache_with_a_bounded_direct_window(lm):
     ids = tokens(3, L, seed=2)
     future_fill, naive = ESSSMCache(lm.config), ESSSMCache(lm.config, future_fill=False)
-    epoch_starts = set()
+    epochs = set()
     with torch.no_grad():
         for cache in (future_fill, naive):
             lm(ids[:, :9], cache=cache, spectral_budget=8)
@@ -90,16 +90,32 @@ def test_future_fill_equals_the_naive_cache_with_a_bounded_direct_window(lm):
             step = ids[:, t : t + 1]
             assert_close(lm(step, cache=future_fill, spectral_budget=8).logits,
                          lm(step, cache=naive, spectral_budget=8).logits, atol=1e-5, rtol=0)
-            for layer in future_fill.layers:  # each step sums at most one epoch directly, the rest came by FFT
-                assert layer.epoch_start <= t < layer.epoch_stop <= layer.epoch_start + epoch_length(layer.epoch_start)
-            epoch_starts.add(future_fill.layers[0].epoch_start)
-    assert len(epoch_starts) >= 4
+            for layer in future_fill.layers:  # each step sums at most E rows directly, the rest came by FFT
+                size = len(layer.window_filters)
+                assert layer.epoch_start % size == 0 and layer.epoch_start <= t < layer.epoch_stop
+                assert size <= epoch_length(t) and (layer.future is not None) == (layer.epoch_start > 0)
+            epochs.add((future_fill.layers[0].epoch_start, len(future_fill.layers[0].window_filters)))
+    assert len(epochs) >= 5 and len({size for _, size in epochs}) == 2  # E grew from 16 to 32 on the way
     assert all(layer.epoch_start == 0 and layer.future is None for layer in naive.layers)
 
 
-def test_epochs_grow_like_the_square_root_of_the_context():
-    assert epoch_length(8192) / epoch_length(512) < 5  # 16x the context, ~4.3x the epoch: sub-linear cost
-    assert epoch_length(0) >= 1
+def test_future_contributions_are_the_direct_sums_over_the_history():
+    size, blocks, k, hidden, length = 8, 5, 3, 4, 44  # the last epoch runs past L = 44: taps beyond it are zero
+    generator = torch.Generator().manual_seed(0)
+    history = torch.randn(2, blocks * size, hidden, generator=generator)
+    filters = torch.randn(length, k, generator=generator)
+    future = future_contributions(history, filter_segment_spectra(filters, size))  # (B, E, k, D)
+    padded = torch.cat([filters, torch.zeros(size, k)]).double()
+    lags = blocks * size + torch.arange(size)[:, None] - torch.arange(blocks * size)  # (E, t0): t - s
+    expected = torch.einsum("psk,bsd->bpkd", padded[lags], history.double())
+    assert_close(future.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_epochs_are_powers_of_two_near_three_square_roots_of_the_context():
+    for position in [30, 100, 512, 2000, 8192, 50_000]:
+        size = epoch_length(position)
+        assert size & (size - 1) == 0 and 0.7 < size / (3 * position**0.5) < 1.42
+    assert epoch_length(0) == epoch_length(1) == 16
 
 
 @pytest.mark.parametrize("k", BUDGETS)
@@ -158,6 +174,8 @@ def test_bad_caches_and_masks_are_refused(lm):
     with pytest.raises(ValueError, match="ESSSMCache"):
         lm(ids, cache=DynamicCache(config=lm.config))
     cache = lm(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="holds 2 sequences but the inputs have 3"):
+        lm(tokens(3, 1), cache=cache)
     with pytest.raises(ValueError, match="attention_mask must cover the new tokens or all 12"):
         lm(ids[:, :2], attention_mask=torch.ones(2, 5, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match=r"130 exceeds max_position_embeddings=128.*10 cached \+ 120 new"):
