@@ -208,14 +208,21 @@ def build_training_arguments(training_section):
         raise ValueError(f"invalid training section: {error}") from error
 
 
-def build_trainer(run_config):
-    """Everything a run needs, built and checked before the first training step."""
+def build_trainer(run_config, build_model=None):
+    """Everything a run needs, built and checked before the first training step.
+
+    `build_model(model_config, task)` trains another model in place of the ES-SSM that `model_config`
+    describes (a baseline of the same size), with the same data and optimiser but no budget dropout.
+    """
     args = build_training_arguments(run_config["training"])
     task_section = dict(run_config["task"])
     task = load_task(task_section.pop("name"), **task_section)
     model_config = build_model_config(run_config["model"], task)
-    sampler = build_sampler(run_config["budget"], model_config)
-    model = model_class_for(task)(model_config)
+    if build_model is None:
+        sampler = build_sampler(run_config["budget"], model_config)
+        model, callbacks = model_class_for(task)(model_config), [BudgetSamplingCallback(sampler)]
+    else:
+        model, callbacks = build_model(model_config, task), []
     classification = task.metric == "accuracy"
     trainer = Trainer(
         model=model,
@@ -225,7 +232,7 @@ def build_trainer(run_config):
         data_collator=collator_for(task),
         compute_metrics=compute_accuracy if classification else None,
         preprocess_logits_for_metrics=argmax_logits if classification else None,
-        callbacks=[BudgetSamplingCallback(sampler)],
+        callbacks=callbacks,
     )
     return trainer, task
 
@@ -241,9 +248,12 @@ def budget_counts(log_history):
     return dict(sorted(totals.items()))
 
 
-def train(run_config, resume_from_checkpoint=None):
-    """Train, evaluate at the full budget, and save the final model and its run config to `output_dir`."""
-    trainer, task = build_trainer(run_config)
+def train(run_config, resume_from_checkpoint=None, build_model=None):
+    """Train, evaluate at the full budget, and save the final model and its run config to `output_dir`.
+
+    `build_model` replaces the ES-SSM, as in `build_trainer`.
+    """
+    trainer, task = build_trainer(run_config, build_model)
     output_dir = trainer.args.output_dir
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(output_dir)
@@ -256,5 +266,6 @@ def train(run_config, resume_from_checkpoint=None):
         trainer.save_state()
         save_run_config(run_config, output_dir)
         counts = budget_counts(trainer.state.log_history)
-        print("steps per training budget: " + ", ".join(f"k={k}: {n}" for k, n in counts.items()))
+        if counts:  # a baseline has no budgets
+            print("steps per training budget: " + ", ".join(f"k={k}: {n}" for k, n in counts.items()))
     return trainer, metrics
