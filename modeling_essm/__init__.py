@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from .budget import BudgetSampler, BudgetSamplingCallback
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import (
     ESSSMForCausalLM,
@@ -26,6 +27,8 @@ ESSSMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClas
 ESSSMTokenizer.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
+    "BudgetSampler",
+    "BudgetSamplingCallback",
     "ESSSMConfig",
     "ESSSMPreTrainedModel",
     "ESSSMModel",
