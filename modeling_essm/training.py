@@ -158,7 +158,9 @@ class PaddingCollator:
         lengths = torch.tensor([len(s) for s in sequences])
         positions = torch.arange(int(lengths.max()))
         attention_mask = (positions[None, :] < lengths[:, None]).long()
-        padding_value = self.pad_token_id if key == "input_ids" else 0.0
+        # Real values pad with zeros; so do tokens of a task without a pad id (every image has 1,024 pixels),
+        # where the attention mask would still mark any padding.
+        padding_value = self.pad_token_id if key == "input_ids" and self.pad_token_id is not None else 0
         inputs = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=padding_value)
         inputs = inputs.long() if key == "input_ids" else inputs.float()
         batch = {key: inputs, "attention_mask": attention_mask}

@@ -122,5 +122,11 @@ def test_padding_collator_pads_tokens_values_and_lm_labels():
     assert lm["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
 
 
+def test_padding_collator_batches_tokens_of_a_task_without_pad_id():
+    pixels = PaddingCollator(pad_token_id=None)([{"input_ids": [0, 255], "labels": 1}, {"input_ids": [7, 0], "labels": 4}])
+    assert pixels["input_ids"].tolist() == [[0, 255], [7, 0]]
+    assert pixels["attention_mask"].tolist() == [[1, 1], [1, 1]]
+
+
 def test_bits_per_byte_is_the_loss_in_base_two():
     assert add_bits_per_byte({"eval_loss": math.log(2) * 1.5})["eval_bits_per_byte"] == pytest.approx(1.5)
