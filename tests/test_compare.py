@@ -1,0 +1,139 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modeling_essm import compare
+from modeling_essm.compare import MODELS, model_run_config, parse_models
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_results = load_script("build_results")
+
+
+def write_tiny_config(tmp_path):
+    config = {
+        "task": {"name": "listops", "max_length": 40, "min_length": 20, "train_size": 16, "eval_size": 8, "seed": 0},
+        "model": {"hidden_size": 16, "num_hidden_layers": 1, "num_spectral_filters": 8, "intermediate_size": 0,
+                  "bos_token_id": None, "eos_token_id": None},
+        "budget": {"schedule": "paper", "seed": 0},
+        "training": {"output_dir": str(tmp_path / "runs"), "max_steps": 2, "per_device_train_batch_size": 4,
+                     "per_device_eval_batch_size": 8, "use_cpu": True, "report_to": "none", "save_strategy": "no",
+                     "disable_tqdm": True, "seed": 0},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fixed_variant_trains_only_at_full_budget_in_its_own_directory(tmp_path):
+    run_config = {"task": {"name": "listops"}, "model": {"num_spectral_filters": 16}, "budget": {"schedule": "paper"},
+                  "training": {"output_dir": "outputs/bench/listops"}}
+    fixed = model_run_config(run_config, "essm-fixed")
+    assert fixed["budget"] == {"schedule": "fixed", "fixed_budget": 16}
+    assert fixed["training"]["output_dir"] == str(Path("outputs/bench/listops/essm-fixed"))
+    assert model_run_config(run_config, "essm")["budget"] == {"schedule": "paper"}
+    assert run_config["training"]["output_dir"] == "outputs/bench/listops"  # the shared config is left alone
+
+
+def test_comparison_writes_one_well_formed_json_per_model(tmp_path):
+    config = write_tiny_config(tmp_path)
+    results_dir = tmp_path / "results"
+    compare.main([str(config), "--models", "essm-fixed,llama", "--results-dir", str(results_dir)])
+
+    fixed = json.loads((results_dir / "listops" / "essm-fixed.json").read_text())
+    llama = json.loads((results_dir / "listops" / "llama.json").read_text())
+    assert sorted(path.name for path in (results_dir / "listops").iterdir()) == ["essm-fixed.json", "llama.json"]
+    for result in (fixed, llama):
+        assert result["task"] == "listops" and result["metric"] == "accuracy"
+        assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0 and result["tokens_per_second"] > 0
+        assert result["train_steps"] == 2 and result["train_seconds"] > 0
+        assert result["settings"]["eval_samples"] == 8
+        assert result["settings"]["command"].startswith("essm-compare ")
+    assert [row["budget"] for row in fixed["budgets"]] == [2, 3, 4, 6, 8]
+    assert fixed["budgets"][-1]["parameters"] == fixed["parameters"]
+    assert fixed["accuracy"] == fixed["budgets"][-1]["accuracy"]
+    assert fixed["settings"]["run_config"]["budget"] == {"schedule": "fixed", "fixed_budget": 8}
+    assert llama["budgets"] is None and llama["model_class"] == "LlamaForSequenceClassification"
+    assert abs(llama["parameters"] / fixed["parameters"] - 1) <= 0.10
+    # The ablation really trained at K only.
+    state = json.loads((tmp_path / "runs" / "essm-fixed" / "trainer_state.json").read_text())
+    counts = {key: value for entry in state["log_history"] for key, value in entry.items() if key.startswith("budget_count_")}
+    assert counts == {"budget_count_8": 2}
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def training_started(*args, **kwargs):
+        raise AssertionError("training started despite bad input")
+
+    monkeypatch.setattr(compare, "train", training_started)
+
+
+def test_unknown_model_lists_the_valid_ones_before_training(tmp_path, no_training, capsys):
+    with pytest.raises(SystemExit):
+        compare.main([str(write_tiny_config(tmp_path)), "--models", "essm,gpt2"])
+    assert "unknown models ['gpt2']; valid models: essm, essm-fixed, llama, mamba" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="valid models: essm, essm-fixed, llama, mamba"):
+        parse_models(" , ")
+
+
+def test_missing_config_fails_before_training(tmp_path, no_training):
+    with pytest.raises(FileNotFoundError, match="run config not found"):
+        compare.compare(tmp_path / "missing.yaml", ["essm"])
+
+
+def fake_result(task, model, metric_value, budgets=None):
+    return {
+        "task": task, "model": model, "metric": "accuracy", "accuracy": metric_value, "loss": 1.0,
+        "tokens_per_second": 1234.0, "parameters": 300_000, "train_seconds": 600.0, "train_steps": 400,
+        "seconds_per_step": 1.5,
+        "model_class": "X", "model_config": {"num_hidden_layers": 2, "hidden_size": 64},
+        "budgets": None if budgets is None else [
+            {"budget": k, "accuracy": value, "loss": 1.0, "tokens_per_second": 1.0, "parameters": 1000 * k}
+            for k, value in budgets.items()
+        ],
+        "settings": {"eval_samples": 500, "num_threads": 2, "run_config": {
+            "task": {"name": task, "max_length": 500, "min_length": 100, "train_size": 20000},
+            "model": {}, "budget": {}, "training": {"output_dir": f"x/{model}", "max_steps": 400,
+                                                    "per_device_train_batch_size": 32, "learning_rate": 0.003}}},
+    }
+
+
+def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tmp_path):
+    results_dir, docs_dir = tmp_path / "results", tmp_path / "docs"
+    (results_dir / "listops").mkdir(parents=True)
+    results = {
+        "essm": fake_result("listops", "essm", 0.40, {2: 0.30, 4: 0.39, 32: 0.40}),
+        "essm-fixed": fake_result("listops", "essm-fixed", 0.41, {2: 0.10, 4: 0.12, 32: 0.41}),
+        "llama": fake_result("listops", "llama", 0.37),
+    }
+    for model, result in results.items():
+        (results_dir / "listops" / f"{model}.json").write_text(json.dumps(result))
+
+    page = build_results.build(results_dir, docs_dir).read_text()
+
+    assert "small-scale CPU runs" in page
+    assert "| model | parameters | layers x width | accuracy | eval tokens/s | train time | s/step | steps |" in page
+    assert "| llama | 300,000 | 2 x 64 | 37.0% | 1,234 | 10.0 min | 1.50 | 400 |" in page
+    assert "| mamba | not yet run |" in page
+    assert "| 4 | 4,000 | 39.0% | 12.0% |" in page  # both budget curves at every budget
+    assert "Sequence length 100-500, 20000 training / 500 evaluation examples, 400 steps of batch 32" in page
+    assert "ES-SSM at full budget (40.0%) at least matches the Transformer (37.0%): met" in page
+    assert "ES-SSM at k=4 is 27.0 points above the ablation at k=4 (target at least 10): met" in page
+    for task in ("text", "image", "audio", "lm"):
+        assert f"Not yet run. Run `OMP_NUM_THREADS=1 essm-compare configs/bench/{task}.yaml`" in page
+    assert (docs_dir / "results_listops.png").read_bytes().startswith(b"\x89PNG")
+    assert "![listops budget curves](results_listops.png)" in page
+    assert set(MODELS) <= set(build_results.DESCRIPTIONS)
