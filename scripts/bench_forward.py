@@ -132,7 +132,8 @@ def training_rows(args, budgets):
     rows, seq_len = [], args.train_length
     x = torch.randint(0, 256, (1, seq_len))
     systems = [("ES-SSM", essm(seq_len), k) for k in sorted({budgets[0], budgets[-1]}, reverse=True)]
-    systems += [("Llama (SDPA)", llama(seq_len), None), ("Mamba", mamba(seq_len), None)]
+    # Mamba is left out here: on CPU its pure-PyTorch scan needs minutes per training step at this length.
+    systems.append(("Llama (SDPA)", llama(seq_len), None))
     for name, model, budget in systems:
         model.train()
         kwargs = {} if budget is None else {"spectral_budget": budget}
