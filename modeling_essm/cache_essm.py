@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, LinearAttentionLayer
 
 from .configuration_essm import ESSSMConfig
 
+
 def epoch_length(position: int) -> int:
     """E for an epoch that serves `position`: a power of two (fast FFTs of size 2E) near 3 sqrt(position).
 
@@ -116,8 +117,7 @@ class ESSSMCacheLayer(LinearAttentionLayer):
         start = self.inputs.length
         self.append(u)
         if u.shape[1] > 1:  # a chunk of new positions: one FFT over the whole history
-            return spectral_basis.causal_convolution(self.inputs.values, start, self.inputs.length, spectral_budget,
-                                                     self.chunk_size)
+            return spectral_basis.causal_convolution(self.inputs.values, start, spectral_budget, self.chunk_size)
         if start >= self.epoch_stop:
             self.begin_epoch(start, spectral_basis, spectral_budget)
         window = self.inputs.values[:, self.epoch_start :].float()  # (B, w, D), w = start - epoch_start + 1
@@ -148,7 +148,7 @@ class ESSSMCacheLayer(LinearAttentionLayer):
         self.epoch_start, self.epoch_stop = 0, 0  # the epoch serves outputs epoch_start..epoch_stop-1
         self.window_filters = None  # (E, k): time-reversed filters of the direct sum
         self.segment_spectra = None  # (n, E + 1, k): see filter_segment_spectra
-        self.future = None  # (B, epoch_stop - epoch_start, k, D): what u[:epoch_start] adds to those outputs
+        self.future = None  # (B, E, k, D): what u[:epoch_start] adds to the epoch's outputs
 
 
 class ESSSMCache(Cache):

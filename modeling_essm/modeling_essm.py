@@ -82,24 +82,22 @@ class ESSSMSpectralBasis(nn.Module):
         scale = self.eigenvalues[:spectral_budget].float().clamp_min(0.0).pow(0.25)
         return self.filters[:length, :spectral_budget].float() * scale
 
-    def causal_convolution(self, inputs: torch.Tensor, start: int, stop: int, spectral_budget: int,
-                           chunk_size: int) -> torch.Tensor:
-        """Outputs start..stop-1 of the causal convolutions of `inputs` with the scaled filters, by one FFT.
+    def causal_convolution(self, inputs: torch.Tensor, start: int, spectral_budget: int, chunk_size: int):
+        """Outputs start..T-1 of the causal convolutions of inputs (B, T, D) with the scaled filters, by one FFT.
 
-        inputs (B, S, D) with S <= stop are taken as zero from S on. Returns (B, stop - start, k, D) float32.
-        Decoding needs such windows: the outputs of a chunk of new tokens, or what a history adds to the future.
+        Returns (B, T - start, k, D) float32: a chunk of new tokens that continues a cached history needs only these.
         """
-        batch, length, hidden = inputs.shape
-        # A circular convolution equals the causal one on these outputs as long as no input wraps around onto them.
-        n_fft = fft_length(math.ceil((stop + max(0, length - 1 - start)) / 2))
+        batch, seq_len, hidden = inputs.shape
+        # A circular convolution is the causal one on these outputs as long as no input wraps around onto them.
+        n_fft = fft_length(math.ceil((2 * seq_len - 1 - start) / 2))
         # Time is the last axis during the FFTs, as in forward: they and the products are fastest along it.
         input_spectrum = torch.fft.rfft(inputs.float().transpose(1, 2), n=n_fft)  # (B, D, F)
-        filter_spectrum = torch.fft.rfft(self.scaled_filters(stop, spectral_budget).T, n=n_fft)  # (k, F)
-        out = inputs.new_empty(batch, stop - start, spectral_budget, hidden, dtype=torch.float32)
+        filter_spectrum = torch.fft.rfft(self.scaled_filters(seq_len, spectral_budget).T, n=n_fft)  # (k, F)
+        out = inputs.new_empty(batch, seq_len - start, spectral_budget, hidden, dtype=torch.float32)
         for first in range(0, spectral_budget, chunk_size):  # bounds the (B, chunk, D, n_fft) intermediate
             last = min(first + chunk_size, spectral_budget)
             spectra = input_spectrum.unsqueeze(1) * filter_spectrum[first:last, None]  # (B, c, D, F)
-            out[:, :, first:last] = torch.fft.irfft(spectra, n=n_fft)[..., start:stop].permute(0, 3, 1, 2)
+            out[:, :, first:last] = torch.fft.irfft(spectra, n=n_fft)[..., start:seq_len].permute(0, 3, 1, 2)
         return out
 
 
