@@ -200,7 +200,8 @@ def render(results, docs_dir):
         "length. Eval tokens/s is measured per model at different times on a shared machine: treat "
         "ratios between models as rough.",
         "",
-        "Reproduce everything:",
+        "Reproduce everything (one thread per process is faster on a busy 2-core machine; Mamba trains "
+        "about 10x faster on CPU with the `mambapy` package installed):",
         "",
         "```",
         *[compare_command(task) for task in TASK_NAMES],
