@@ -138,7 +138,7 @@ def llama_config(task, hidden_size, num_layers):
 
 def mamba_config(task, hidden_size, num_layers):
     # Without CUDA kernels transformers scans step by step, and training pays a full-size zero fill per
-    # step in the backward pass (quadratic in length: 10x slower at 128 steps). With the `mambapy` package
+    # position in the backward pass (quadratic in length: 12x slower at 128 positions). With the `mambapy` package
     # installed, use_mambapy runs its parallel scan instead; without it the flag is ignored.
     return MambaConfig(**common_settings(task, hidden_size, num_layers), use_mambapy=True)
 
