@@ -328,6 +328,8 @@ class ESSSMModel(ESSSMPreTrainedModel):
         if cache is not None and not isinstance(cache, ESSSMCache):
             raise ValueError(f"ES-SSM continues only an ESSSMCache (it keeps every block's whole input history), got "
                              f"{type(cache).__name__}. Pass use_cache=True without a cache to start one.")
+        if use_cache is False and cache is not None:
+            raise ValueError("use_cache=False contradicts the cache passed along: drop one of them.")
         if use_cache and cache is None:
             cache = ESSSMCache(self.config)
         past = cache.get_seq_length() if cache is not None else 0

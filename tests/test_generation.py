@@ -176,6 +176,8 @@ def test_bad_caches_and_masks_are_refused(lm):
     cache = lm(ids, use_cache=True).cache
     with pytest.raises(ValueError, match="holds 2 sequences but the inputs have 3"):
         lm(tokens(3, 1), cache=cache)
+    with pytest.raises(ValueError, match="use_cache=False contradicts"):
+        lm.generate(ids, cache=cache, use_cache=False, max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask must cover the new tokens or all 12"):
         lm(ids[:, :2], attention_mask=torch.ones(2, 5, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match=r"130 exceeds max_position_embeddings=128.*10 cached \+ 120 new"):
