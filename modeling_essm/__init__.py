@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .budget import BudgetSampler, BudgetSamplingCallback
+from .cache_essm import ESSSMCache
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import (
     ESSSMForCausalLM,
@@ -29,6 +30,7 @@ ESSSMTokenizer.register_for_auto_class("AutoTokenizer")
 __all__ = [
     "BudgetSampler",
     "BudgetSamplingCallback",
+    "ESSSMCache",
     "ESSSMConfig",
     "ESSSMPreTrainedModel",
     "ESSSMModel",

@@ -70,17 +70,15 @@ class ESSSMSpectralBasis(nn.Module):
         self.register_buffer("eigenvalues", torch.empty(config.num_spectral_filters))  # (K,)
         self.register_buffer("filters", torch.empty(config.max_position_embeddings, config.num_spectral_filters))
 
-    def filter_spectrum(self, seq_len: int, spectral_budget: int) -> torch.Tensor:
-        """rFFT of the first `spectral_budget` filters, each scaled by sigma^(1/4): (k, n_fft // 2 + 1) complex64."""
-        # Tail eigenvalues below float64 precision can come out as tiny negatives: those channels carry nothing.
-        scale = self.eigenvalues[:spectral_budget].float().clamp_min(0.0).pow(0.25)
-        scaled_filters = self.filters[:seq_len, :spectral_budget].float() * scale  # (T, k)
-        return torch.fft.rfft(scaled_filters.T, n=fft_length(seq_len))
-
     def scaled_filters(self, length: int, spectral_budget: int) -> torch.Tensor:
         """The first `length` taps of the first `spectral_budget` filters, times sigma^(1/4): (length, k) float32."""
+        # Tail eigenvalues below float64 precision can come out as tiny negatives: those channels carry nothing.
         scale = self.eigenvalues[:spectral_budget].float().clamp_min(0.0).pow(0.25)
         return self.filters[:length, :spectral_budget].float() * scale
+
+    def filter_spectrum(self, seq_len: int, spectral_budget: int) -> torch.Tensor:
+        """rFFT of the scaled filters for sequences of up to `seq_len`: (k, n_fft // 2 + 1) complex64."""
+        return torch.fft.rfft(self.scaled_filters(seq_len, spectral_budget).T, n=fft_length(seq_len))
 
     def causal_convolution(self, inputs: torch.Tensor, start: int, spectral_budget: int, chunk_size: int):
         """Outputs start..T-1 of the causal convolutions of inputs (B, T, D) with the scaled filters, by one FFT.
