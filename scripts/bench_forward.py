@@ -3,7 +3,8 @@
     python scripts/bench_forward.py                     # full run: lengths 1024, 4096, 16384
     python scripts/bench_forward.py --lengths 512 --budgets 32,4 --repeats 1 --no-write   # smoke run
 
-Every number is the median of `--repeats` timed runs after one warm-up, batch 1, float32. Ratios are
+Every number is the median of `--repeats` timed runs after one warm-up, batch 1, float32; the systems
+of a table are timed round-robin, so a slow spell on a shared machine slows them all alike. Ratios are
 against ES-SSM at full budget measured in this same run. Peak memory is the growth of the process's
 resident set during one forward (VmHWM after minus VmRSS before, with the high-water mark reset).
 The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured fp32 GEMM rate.
@@ -18,6 +19,7 @@ import math
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,14 +35,17 @@ BEGIN, END = "<!-- bench_forward:begin -->", "<!-- bench_forward:end -->"
 # --- measuring ------------------------------------------------------------------------------------------
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, FFT plans, lazy inits
-    times = []
+def interleaved_medians(runs: dict, repeats: int) -> dict:
+    """Median seconds of each run, timed round-robin so that a slow spell on a shared machine hits all alike."""
+    for run in runs.values():
+        run()  # warm-up: allocator, FFT plans, lazy inits
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def _proc_status_mb(field: str) -> float:
@@ -61,11 +66,6 @@ def peak_memory_mb(fn) -> float | None:
         return _proc_status_mb("VmHWM") - before
     except (OSError, RuntimeError):
         return None
-
-
-def gemm_gflops(repeats: int) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2 * 2048**3 / median_seconds(lambda: a @ b, repeats) / 1e9
 
 
 # --- models at matched size -----------------------------------------------------------------------------
@@ -110,57 +110,67 @@ def forward_rows(args, lengths, budgets):
     rows = []
     for seq_len in lengths:
         x = torch.randint(0, 256, (1, seq_len))
-        systems = [("ES-SSM", essm(max(lengths)), k) for k in budgets]
-        systems += [("Llama (SDPA)", llama(max(lengths)), None), ("Mamba", mamba(max(lengths)), None)]
-        for name, model, budget in systems:
-            kwargs = {} if budget is None else {"spectral_budget": budget}
-            with torch.no_grad():
-                run = lambda: model(x, **kwargs)  # noqa: E731
-                seconds = median_seconds(run, args.repeats)
-                memory = peak_memory_mb(run)
-            rows.append(dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(model),
-                             seconds=seconds, tokens_per_s=seq_len / seconds, peak_memory_mb=memory))
-            print(f"forward  {name:13} k={budget!s:>4} T={seq_len:>6}: {seq_len / seconds:>9.0f} tok/s, "
-                  f"{memory or float('nan'):8.0f} MB", flush=True)
-            del run
-        del systems
+        models = {"ES-SSM": essm(max(lengths)), "Llama (SDPA)": llama(max(lengths)), "Mamba": mamba(max(lengths))}
+        systems = [("ES-SSM", k) for k in budgets] + [("Llama (SDPA)", None), ("Mamba", None)]
+        runs = {(name, budget): partial(forward, models[name], x, budget) for name, budget in systems}
+        seconds = interleaved_medians(runs, args.repeats)
+        for (name, budget), run in runs.items():
+            row = dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(models[name]),
+                       seconds=seconds[name, budget], tokens_per_s=seq_len / seconds[name, budget],
+                       peak_memory_mb=peak_memory_mb(run))
+            rows.append(row)
+            print(f"forward  {name:13} k={budget!s:>4} T={seq_len:>6}: {row['tokens_per_s']:>9.0f} tok/s, "
+                  f"{row['peak_memory_mb'] or float('nan'):8.0f} MB", flush=True)
+        del models, runs
         gc.collect()
     return rows
 
 
+@torch.no_grad()
+def forward(model, x, budget):
+    return model(x) if budget is None else model(x, spectral_budget=budget)
+
+
+def training_step(model, x, budget):
+    model.zero_grad(set_to_none=True)
+    kwargs = {} if budget is None else {"spectral_budget": budget}
+    model(x, labels=x, **kwargs).loss.backward()
+
+
 def training_rows(args, budgets):
-    rows, seq_len = [], args.train_length
+    seq_len = args.train_length
     x = torch.randint(0, 256, (1, seq_len))
-    systems = [("ES-SSM", essm(seq_len), k) for k in sorted({budgets[0], budgets[-1]}, reverse=True)]
     # Mamba is left out here: on CPU its pure-PyTorch scan needs minutes per training step at this length.
-    systems.append(("Llama (SDPA)", llama(seq_len), None))
-    for name, model, budget in systems:
-        model.train()
-        kwargs = {} if budget is None else {"spectral_budget": budget}
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(x, labels=x, **kwargs).loss.backward()
-
-        seconds = median_seconds(step, args.repeats)
-        rows.append(dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(model),
-                         seconds=seconds, tokens_per_s=seq_len / seconds))
-        print(f"train    {name:13} k={budget!s:>4} T={seq_len:>6}: {seq_len / seconds:>9.0f} tok/s", flush=True)
+    models = {"ES-SSM": essm(seq_len).train(), "Llama (SDPA)": llama(seq_len).train()}
+    systems = [("ES-SSM", k) for k in sorted({budgets[0], budgets[-1]}, reverse=True)] + [("Llama (SDPA)", None)]
+    runs = {(name, budget): partial(training_step, models[name], x, budget) for name, budget in systems}
+    seconds = interleaved_medians(runs, args.repeats)
+    rows = []
+    for name, budget in systems:
+        rows.append(dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(models[name]),
+                         seconds=seconds[name, budget], tokens_per_s=seq_len / seconds[name, budget]))
+        print(f"train    {name:13} k={budget!s:>4} T={seq_len:>6}: {rows[-1]['tokens_per_s']:>9.0f} tok/s", flush=True)
     return rows
 
 
-def mixer_row(args, gemm_rate):
+def mixer_row(args):
+    """The first block's mixer at full budget, timed beside a 2048^3 fp32 GEMM (the machine's rate)."""
     seq_len = args.mixer_length
     model = essm(seq_len)
     mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
     budget = model.config.num_spectral_filters
     u = torch.randn(1, seq_len, model.config.hidden_size)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     with torch.no_grad():
         spectrum = basis.filter_spectrum(seq_len, budget)
-        seconds = median_seconds(lambda: mixer(u, spectrum, budget), args.repeats)
-    rate = mixer_flops(model.config, seq_len, budget) / seconds / 1e9
-    print(f"mixer    k={budget} T={seq_len}: {rate:.1f} GFLOP/s = {rate / gemm_rate:.0%} of the GEMM rate", flush=True)
-    return dict(seq_len=seq_len, budget=budget, seconds=seconds, gflops=rate, fraction_of_gemm=rate / gemm_rate)
+        seconds = interleaved_medians({"mixer": lambda: mixer(u, spectrum, budget), "gemm": lambda: a @ b},
+                                      args.repeats)
+    gemm_rate = 2 * 2048**3 / seconds["gemm"] / 1e9
+    rate = mixer_flops(model.config, seq_len, budget) / seconds["mixer"] / 1e9
+    print(f"mixer    k={budget} T={seq_len}: {rate:.1f} GFLOP/s = {rate / gemm_rate:.0%} of the GEMM rate "
+          f"({gemm_rate:.1f} GFLOP/s)", flush=True)
+    return dict(seq_len=seq_len, budget=budget, seconds=seconds["mixer"], gflops=rate, gemm_gflops=gemm_rate,
+                fraction_of_gemm=rate / gemm_rate)
 
 
 def with_ratios(rows):
@@ -174,8 +184,8 @@ def markdown(result) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Command: `{result['command']}`  ",
              f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, float32, batch 1. "
-             f"Medians of {result['repeats']} runs after a warm-up.", "",
-             f"Measured fp32 GEMM rate (2048^3): **{result['gemm_gflops']:.1f} GFLOP/s**. "
+             f"Medians of {result['repeats']} runs after a warm-up, timed round-robin across systems.", "",
+             f"Measured fp32 GEMM rate (2048^3): **{result['mixer']['gemm_gflops']:.1f} GFLOP/s**. "
              f"ES-SSM mixer at k={result['mixer']['budget']}, L={result['mixer']['seq_len']}: "
              f"{result['mixer']['gflops']:.1f} GFLOP/s = **{result['mixer']['fraction_of_gemm']:.0%}** of it.", "",
              "Forward (inference):", "",
@@ -227,13 +237,11 @@ def main():
     if budgets[0] != 32 or budgets[-1] < 2:
         raise SystemExit("--budgets must include 32 (the full budget, the reference of every ratio) and stay >= 2")
     torch.manual_seed(0)
-    gemm_rate = gemm_gflops(args.repeats)
-    print(f"fp32 GEMM: {gemm_rate:.1f} GFLOP/s", flush=True)
     result = dict(command="python scripts/bench_forward.py " + " ".join(
                       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"),
                   machine=platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
-                  gemm_gflops=gemm_rate, mixer=mixer_row(args, gemm_rate),
+                  mixer=mixer_row(args),
                   forward=with_ratios(forward_rows(args, lengths, budgets)),
                   training=with_ratios(training_rows(args, budgets)))
     print(markdown(result))
