@@ -331,19 +331,7 @@ class ESSSMModel(ESSSMPreTrainedModel):
         if use_cache and cache is None:
             cache = ESSSMCache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
-        if past + seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Input sequence length {past + seq_len} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}, the length of the spectral filters"
-                f"{f' ({past} cached + {seq_len} new tokens)' if past else ''}. Build the model with a "
-                f"larger `max_position_embeddings` in its config to process longer sequences."
-            )
-        if past and cache.batch_size != hidden_states.shape[0]:
-            raise ValueError(f"The cache holds {cache.batch_size} sequences but the inputs have "
-                             f"{hidden_states.shape[0]}; cache.reorder_cache(rows) selects or repeats its rows.")
-        if past and attention_mask is not None and attention_mask.shape[1] not in (seq_len, past + seq_len):
-            raise ValueError(f"With a cache of {past} tokens and {seq_len} new ones, attention_mask must cover the new "
-                             f"tokens or all {past + seq_len}; got length {attention_mask.shape[1]}.")
+        self._check_lengths(past, hidden_states, attention_mask, cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -364,6 +352,23 @@ class ESSSMModel(ESSSMPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+    def _check_lengths(self, past: int, hidden_states: torch.Tensor, attention_mask, cache) -> None:
+        """Refuse, before any work, inputs that the filters or the cache cannot continue."""
+        seq_len = hidden_states.shape[1]
+        if past + seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input sequence length {past + seq_len} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}, the length of the spectral filters"
+                f"{f' ({past} cached + {seq_len} new tokens)' if past else ''}. Build the model with a "
+                f"larger `max_position_embeddings` in its config to process longer sequences."
+            )
+        if past and cache.batch_size != hidden_states.shape[0]:
+            raise ValueError(f"The cache holds {cache.batch_size} sequences but the inputs have "
+                             f"{hidden_states.shape[0]}; cache.reorder_cache(rows) selects or repeats its rows.")
+        if past and attention_mask is not None and attention_mask.shape[1] not in (seq_len, past + seq_len):
+            raise ValueError(f"With a cache of {past} tokens and {seq_len} new ones, attention_mask must cover the new "
+                             f"tokens or all {past + seq_len}; got length {attention_mask.shape[1]}.")
 
     def _extend_cache(self, cache: ESSSMCache, embeddings: torch.Tensor, padding_mask, budget: int) -> None:
         """Record the new block-0 inputs, after rebuilding the history if the cache was built at another budget."""
