@@ -30,6 +30,7 @@ from modeling_essm.modeling_essm import fft_length
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BEGIN, END = "<!-- bench_forward:begin -->", "<!-- bench_forward:end -->"
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -59,7 +60,11 @@ def peak_memory_mb(fn) -> float | None:
     """Resident-set growth while `fn` runs (Linux only; None elsewhere)."""
     try:
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so reuse cannot hide growth
+        libc = ctypes.CDLL("libc.so.6")
+        # Blocks >= 1 MiB get their own mappings, returned on free: the resident set then follows live tensors
+        # (glibc's adaptive threshold would otherwise keep freed blocks on the heap, hiding or inflating peaks).
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
         before = _proc_status_mb("VmRSS")
         fn()
