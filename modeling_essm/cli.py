@@ -32,6 +32,10 @@ def train_main(argv=None):
     from .training import load_run_config, train
 
     train(load_run_config(args.config, args.overrides), resume_from_checkpoint=args.resume)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()  # under torchrun, gloo can abort a process that exits with its group alive
 
 
 def eval_budgets_main(argv=None):

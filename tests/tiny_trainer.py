@@ -99,6 +99,7 @@ def ddp_worker(output_dir):
     trainer.train()
     result = {"world_size": trainer.args.world_size, "parallel_mode": str(trainer.args.parallel_mode), "records": records}
     Path(output_dir, f"budgets_rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()  # gloo can abort a process that exits with its group alive
 
 
 if __name__ == "__main__":
