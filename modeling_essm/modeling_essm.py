@@ -130,7 +130,7 @@ class ESSSMSpectralMixer(nn.Module):
         return torch.softmax(logits * rms_rescale, dim=-1)
 
     def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
-        batch, seq_len, hidden = u.shape
+        seq_len = u.shape[1]
         n_fft = 2 * (filter_spectrum.shape[-1] - 1)
         weights = self.gate(u, spectral_budget).transpose(1, 2)  # (B, k, T)
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
@@ -140,12 +140,22 @@ class ESSSMSpectralMixer(nn.Module):
         # at inference chunking keeps the convolution memory independent of the budget.
         chunk = spectral_budget if torch.is_grad_enabled() else self.chunk_size
         for start in range(0, spectral_budget, chunk):
-            stop = min(start + chunk, spectral_budget)
-            spectra = u_spectrum.unsqueeze(1) * filter_spectrum[start:stop, None]  # (B, c, D, F)
-            conv = torch.fft.irfft(spectra, n=n_fft)[..., :seq_len]  # (B, c, D, T)
-            features = (conv * weights[:, start:stop, None]).reshape(batch, -1, seq_len)  # (B, c*D, T)
-            y = y + features.transpose(1, 2) @ self.spectral_proj[start:stop].reshape(-1, hidden).to(features.dtype)
+            channels = slice(start, min(start + chunk, spectral_budget))
+            y = y + self.project_channels(u_spectrum, filter_spectrum[channels], weights[:, channels],
+                                          self.spectral_proj[channels], seq_len)
         return y.to(u.dtype)
+
+    @staticmethod
+    def project_channels(u_spectrum, filter_spectrum, weights, projections, seq_len: int) -> torch.Tensor:
+        """sum_j a_j(t) (phi_j * u)(t) M_j over a chunk of c channels: (B, D, F) spectra -> (B, T, D).
+
+        A function of its own so that a chunk's (B, c, D, 2T) intermediates are freed before the next is built.
+        """
+        batch, hidden, n_freq = u_spectrum.shape
+        spectra = u_spectrum.unsqueeze(1) * filter_spectrum[:, None]  # (B, c, D, F)
+        conv = torch.fft.irfft(spectra, n=2 * (n_freq - 1))[..., :seq_len]  # (B, c, D, T)
+        features = (conv * weights[:, :, None]).reshape(batch, -1, seq_len)  # (B, c*D, T)
+        return features.transpose(1, 2) @ projections.reshape(-1, hidden).to(features.dtype)
 
     def step(self, u: torch.Tensor, cache_layer, spectral_basis: ESSSMSpectralBasis, spectral_budget: int):
         """Outputs (B, n, D) at the positions u (B, n, D) adds to the history in `cache_layer`; n = 1 when decoding."""
