@@ -71,18 +71,20 @@ def comparable_settings(result):
 def model_table(results):
     metric = next(iter(results.values()))["metric"]
     lines = [
-        f"| model | parameters | layers x width | {metric_label(metric)} | eval tokens/s | train time | s/step | steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | parameters | layers x width | {metric_label(metric)} | final train loss | eval tokens/s | "
+        "train time | s/step | steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model in MODELS:
         if model not in results:
-            lines.append(f"| {model} | not yet run | | | | | | |")
+            lines.append(f"| {model} | not yet run | | | | | | | |")
             continue
         result = results[model]
         config = result["model_config"]
         lines.append(
             f"| {model} | {result['parameters']:,} | {config['num_hidden_layers']} x {config['hidden_size']} | "
-            f"{format_metric(result, result[result['metric']])} | {result['tokens_per_second']:,.0f} | "
+            f"{format_metric(result, result[result['metric']])} | {result['train_loss']:.3f} | "
+            f"{result['tokens_per_second']:,.0f} | "
             f"{result['train_seconds'] / 60:.1f} min | {result['seconds_per_step']:.2f} | {result['train_steps']} |"
         )
     return "\n".join(lines)
@@ -161,7 +163,7 @@ def plot_task(task, results, path):
     plt.close(figure)
 
 
-def task_section(task, results, docs_dir):
+def task_section(task, results, docs_dir, notes=None):
     lines = [f"## {TITLES[task]}", ""]
     if not results:
         return lines + [f"Not yet run. Run `{compare_command(task)}`, then rebuild this page.", ""]
@@ -177,11 +179,19 @@ def task_section(task, results, docs_dir):
                   f"![{task} budget curves]({plot_name})", ""]
     if task in CLASSIFICATION_TASKS:
         lines += [f"- {check}" for check in target_checks(results)] + [""]
+    if notes:
+        lines += [notes.strip(), ""]
     lines += [f"Reproduce: `{compare_command(task)}`", ""]
     return lines
 
 
-def render(results, docs_dir):
+def read_notes(results_dir, task):
+    """What the people who ran a task observed, kept beside its JSON in `<task>/NOTES.md`."""
+    path = Path(results_dir, task, "NOTES.md")
+    return path.read_text() if path.is_file() else None
+
+
+def render(results, docs_dir, results_dir):
     lines = [
         "# ES-SSM vs Transformer vs Mamba: small-scale CPU runs",
         "",
@@ -210,14 +220,14 @@ def render(results, docs_dir):
         "",
     ]
     for task in TASK_NAMES:
-        lines += task_section(task, results.get(task, {}), docs_dir)
+        lines += task_section(task, results.get(task, {}), docs_dir, read_notes(results_dir, task))
     return "\n".join(lines)
 
 
 def build(results_dir="results", docs_dir="docs"):
     Path(docs_dir).mkdir(parents=True, exist_ok=True)
     path = Path(docs_dir) / "results.md"
-    path.write_text(render(load_results(results_dir), docs_dir))
+    path.write_text(render(load_results(results_dir), docs_dir, results_dir))
     return path
 
 

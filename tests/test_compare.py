@@ -98,7 +98,7 @@ def fake_result(task, model, metric_value, budgets=None):
     return {
         "task": task, "model": model, "metric": "accuracy", "accuracy": metric_value, "loss": 1.0,
         "tokens_per_second": 1234.0, "parameters": 300_000, "train_seconds": 600.0, "train_steps": 400,
-        "seconds_per_step": 1.5,
+        "seconds_per_step": 1.5, "train_loss": 1.75,
         "model_class": "X", "model_config": {"num_hidden_layers": 2, "hidden_size": 64},
         "budgets": None if budgets is None else [
             {"budget": k, "accuracy": value, "loss": 1.0, "tokens_per_second": 1.0, "parameters": 1000 * k}
@@ -121,12 +121,13 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
     }
     for model, result in results.items():
         (results_dir / "listops" / f"{model}.json").write_text(json.dumps(result))
+    (results_dir / "listops" / "NOTES.md").write_text("Observed: the curves are flat.\n")
 
     page = build_results.build(results_dir, docs_dir).read_text()
 
     assert "small-scale CPU runs" in page
-    assert "| model | parameters | layers x width | accuracy | eval tokens/s | train time | s/step | steps |" in page
-    assert "| llama | 300,000 | 2 x 64 | 37.0% | 1,234 | 10.0 min | 1.50 | 400 |" in page
+    assert "| model | parameters | layers x width | accuracy | final train loss | eval tokens/s |" in page
+    assert "| llama | 300,000 | 2 x 64 | 37.0% | 1.750 | 1,234 | 10.0 min | 1.50 | 400 |" in page
     assert "| mamba | not yet run |" in page
     assert "| 4 | 4,000 | 39.0% | 12.0% |" in page  # both budget curves at every budget
     assert "Sequence length 100-500, 20000 training / 500 evaluation examples, 400 steps of batch 32" in page
@@ -136,4 +137,5 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
         assert f"Not yet run. Run `OMP_NUM_THREADS=1 essm-compare configs/bench/{task}.yaml`" in page
     assert (docs_dir / "results_listops.png").read_bytes().startswith(b"\x89PNG")
     assert "![listops budget curves](results_listops.png)" in page
+    assert "Observed: the curves are flat." in page
     assert set(MODELS) <= set(build_results.DESCRIPTIONS)
