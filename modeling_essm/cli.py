@@ -5,13 +5,8 @@ import shlex
 import sys
 
 
-def train_main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="essm-train",
-        description="Train an ES-SSM with budget dropout from a YAML run config "
-        "(works under torchrun and accelerate launch too).",
-    )
-    parser.add_argument("config", help="YAML run config with task, model, budget and training sections")
+def add_override_argument(parser):
+    """`--set SECTION.KEY=VALUE`, repeatable: the run-config overrides of every training command."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -20,6 +15,16 @@ def train_main(argv=None):
         metavar="SECTION.KEY=VALUE",
         help="override one config value, parsed as YAML (repeatable), e.g. --set training.max_steps=50",
     )
+
+
+def train_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="essm-train",
+        description="Train an ES-SSM with budget dropout from a YAML run config "
+        "(works under torchrun and accelerate launch too).",
+    )
+    parser.add_argument("config", help="YAML run config with task, model, budget and training sections")
+    add_override_argument(parser)
     parser.add_argument(
         "--resume",
         nargs="?",

@@ -27,6 +27,7 @@ import transformers
 from torch.utils.data import DataLoader
 
 from .baselines import BASELINES, count_parameters, matched_baseline
+from .cli import add_override_argument
 from .configuration_essm import ESSSMConfig
 from .evaluation import BudgetStats, eval_budgets, without_labels
 from .training import load_run_config, train
@@ -154,14 +155,7 @@ def main(argv=None):
     )
     parser.add_argument("config", help="YAML run config (e.g. configs/bench/listops.yaml)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value, parsed as YAML (repeatable), e.g. --set training.max_steps=5",
-    )
+    add_override_argument(parser)
     parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the JSON results go")
     args = parser.parse_args(argv)
     try:
