@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .training import model_class_for
+from .training import is_language_model, model_class_for
 
 
 BASELINES = ("llama", "mamba")
@@ -102,10 +102,6 @@ def token_space(task):
     if task.pad_token_id is None:
         return task.vocab_size + 1, task.vocab_size
     return task.vocab_size, task.pad_token_id
-
-
-def is_language_model(task):
-    return task.metric == "bits_per_byte"
 
 
 def common_settings(task, hidden_size, num_layers):

@@ -82,13 +82,10 @@ class ESSSMConfig(PreTrainedConfig):
         self.input_size = input_size
         self.classifier_pooling = classifier_pooling
         self.use_cache = use_cache
-        # One "conv" entry per block tells DynamicCache to hold an input-history cache for each layer.
-        self.layer_types = ["conv"] * num_hidden_layers
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
-        kwargs.pop("layer_types", None)
         kwargs.setdefault("auto_map", dict(ESSM_AUTO_MAP))
         super().__init__(**kwargs)
         self._validate_essm_fields()

@@ -20,14 +20,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from .budget import default_budget_grid
 from .tasks import load_task
-from .training import IGNORE_INDEX, RUN_CONFIG_NAME, collator_for, load_run_config
+from .training import IGNORE_INDEX, RUN_CONFIG_NAME, collator_for, is_language_model, load_run_config
 
 
 REPORT_NAME = "budget_sweep"
 
 
 def auto_class_for(task):
-    return AutoModelForCausalLM if task.metric == "bits_per_byte" else AutoModelForSequenceClassification
+    return AutoModelForCausalLM if is_language_model(task) else AutoModelForSequenceClassification
 
 
 class BudgetStats:
@@ -164,7 +164,7 @@ def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, 
         f"{auto_class.__name__}.from_pretrained({str(model_dir)!r}) -> {type(model).__name__}; "
         f"calling it with spectral_budget=k for k in {budgets}"
     )
-    rows = sweep_budgets(model, dataset, collator_for(task), budgets, batch_size, task.metric == "bits_per_byte")
+    rows = sweep_budgets(model, dataset, collator_for(task), budgets, batch_size, is_language_model(task))
     settings = {
         "model_dir": str(model_dir),
         "task": task.name,

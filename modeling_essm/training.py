@@ -137,8 +137,12 @@ def build_model_config(model_section, task):
     return config
 
 
+def is_language_model(task):
+    return task.metric == "bits_per_byte"
+
+
 def model_class_for(task):
-    return ESSSMForCausalLM if task.metric == "bits_per_byte" else ESSSMForSequenceClassification
+    return ESSSMForCausalLM if is_language_model(task) else ESSSMForSequenceClassification
 
 
 @dataclass
@@ -172,7 +176,7 @@ class PaddingCollator:
 
 
 def collator_for(task):
-    return PaddingCollator(pad_token_id=task.pad_token_id, causal_lm=task.metric == "bits_per_byte")
+    return PaddingCollator(pad_token_id=task.pad_token_id, causal_lm=is_language_model(task))
 
 
 # ---- metrics (offline, numpy) ----
@@ -260,7 +264,7 @@ def train(run_config, resume_from_checkpoint=None, build_model=None):
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(output_dir)
     metrics = trainer.evaluate()
-    if task.metric == "bits_per_byte":
+    if is_language_model(task):
         metrics = add_bits_per_byte(metrics)
     trainer.log_metrics("eval", metrics)
     if trainer.is_world_process_zero():
