@@ -34,13 +34,10 @@ def train_main(argv=None):
         help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
     )
     args = parser.parse_args(argv)
-    from .training import load_run_config, train
+    from .training import close_process_group, load_run_config, train
 
     train(load_run_config(args.config, args.overrides), resume_from_checkpoint=args.resume)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()  # under torchrun, gloo can abort a process that exits with its group alive
+    close_process_group()
 
 
 def eval_budgets_main(argv=None):

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from modeling_essm import ESSSMConfig, ESSSMForSequenceClassification
 from modeling_essm.budget import BudgetSampler, BudgetSamplingCallback
-from modeling_essm.training import PaddingCollator
+from modeling_essm.training import PaddingCollator, close_process_group
 
 
 NUM_FILTERS = 8
@@ -99,8 +99,8 @@ def ddp_worker(output_dir):
     trainer.train()
     result = {"world_size": trainer.args.world_size, "parallel_mode": str(trainer.args.parallel_mode), "records": records}
     Path(output_dir, f"budgets_rank{os.environ['RANK']}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()  # gloo can abort a process that exits with its group alive
 
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
+    close_process_group()
