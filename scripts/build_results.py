@@ -210,10 +210,11 @@ def render(results, docs_dir, results_dir):
         "length. Eval tokens/s is measured per model at different times on a shared machine: treat "
         "ratios between models as rough.",
         "",
-        "Reproduce everything (one thread per process is faster on a busy 2-core machine; Mamba trains "
-        "about 10x faster on CPU with the `mambapy` package installed):",
+        "Reproduce everything (one thread per process is faster on a busy 2-core machine; the `bench` extra "
+        "installs `mambapy`, whose parallel scan trains Mamba about 10x faster on CPU):",
         "",
         "```",
+        'pip install -e ".[bench]"',
         *[compare_command(task) for task in TASK_NAMES],
         "python scripts/build_results.py",
         "```",
