@@ -34,8 +34,10 @@ def train_main(argv=None):
         help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
     )
     args = parser.parse_args(argv)
+    from .cpu_allocator import reuse_freed_memory
     from .training import close_process_group, load_run_config, train
 
+    reuse_freed_memory()
     train(load_run_config(args.config, args.overrides), resume_from_checkpoint=args.resume)
     close_process_group()
 
@@ -51,8 +53,10 @@ def eval_budgets_main(argv=None):
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N eval examples only")
     parser.add_argument("--output-dir", help="where to write the report (default: model_dir)")
     args = parser.parse_args(argv)
+    from .cpu_allocator import reuse_freed_memory
     from .evaluation import eval_budgets
 
+    reuse_freed_memory()
     command = shlex.join(["essm-eval-budgets", *(sys.argv[1:] if argv is None else argv)])
     eval_budgets(
         args.model_dir,
