@@ -139,10 +139,14 @@ class ESSSMSpectralMixer(nn.Module):
         # Under autograd every chunk's activations are kept anyway, so one chunk (one GEMM) is fastest;
         # at inference chunking keeps the convolution memory independent of the budget.
         chunk = spectral_budget if torch.is_grad_enabled() else self.chunk_size
-        for start in range(0, spectral_budget, chunk):
-            channels = slice(start, min(start + chunk, spectral_budget))
-            y = y + self.project_channels(u_spectrum, filter_spectrum[channels], weights[:, channels],
-                                          self.spectral_proj[channels], seq_len)
+        # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of
+        # chunks instead of the exact budget, so all budgets share at most K / chunk_size graphs.
+        start = 0
+        while start < spectral_budget:
+            end = min(start + chunk, spectral_budget)
+            y = y + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
+                                          self.spectral_proj[start:end], seq_len)
+            start = end
         return y.to(u.dtype)
 
     @staticmethod

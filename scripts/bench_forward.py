@@ -7,6 +7,8 @@ Every number is the median of `--repeats` timed runs after one warm-up, batch 1,
 of a table are timed round-robin, so a slow spell on a shared machine slows them all alike. Ratios are
 against ES-SSM at full budget measured in this same run. Peak memory is the growth of the process's
 resident set during one forward (VmHWM after minus VmRSS before, with the high-water mark reset).
+Timings run with glibc keeping freed memory for reuse (`modeling_essm.cpu_allocator`) for every system
+alike; the memory measurement switches that off, so that the resident set follows the live tensors.
 The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured fp32 GEMM rate.
 Results go to docs/bench_forward.json and the marked section of docs/performance.md.
 """
@@ -26,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from modeling_essm import ESSSMConfig, ESSSMForCausalLM
+from modeling_essm.cpu_allocator import reuse_freed_memory
 from modeling_essm.modeling_essm import fft_length
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -60,6 +63,7 @@ def peak_memory_mb(fn) -> float | None:
     """Resident-set growth while `fn` runs (Linux only; None elsewhere)."""
     try:
         gc.collect()
+        reuse_freed_memory(False)
         libc = ctypes.CDLL("libc.so.6")
         # Blocks >= 1 MiB get their own mappings, returned on free: the resident set then follows live tensors
         # (glibc's adaptive threshold would otherwise keep freed blocks on the heap, hiding or inflating peaks).
@@ -71,6 +75,8 @@ def peak_memory_mb(fn) -> float | None:
         return _proc_status_mb("VmHWM") - before
     except (OSError, RuntimeError):
         return None
+    finally:
+        reuse_freed_memory(True)
 
 
 # --- models at matched size -----------------------------------------------------------------------------
@@ -189,7 +195,8 @@ def markdown(result) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Command: `{result['command']}`  ",
              f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, float32, batch 1. "
-             f"Medians of {result['repeats']} runs after a warm-up, timed round-robin across systems.", "",
+             f"Medians of {result['repeats']} runs after a warm-up, timed round-robin across systems"
+             f"{', glibc keeping freed memory for reuse' if result.get('reuses_freed_memory') else ''}.", "",
              f"Measured fp32 GEMM rate (2048^3): **{result['mixer']['gemm_gflops']:.1f} GFLOP/s**. "
              f"ES-SSM mixer at k={result['mixer']['budget']}, L={result['mixer']['seq_len']}: "
              f"{result['mixer']['gflops']:.1f} GFLOP/s = **{result['mixer']['fraction_of_gemm']:.0%}** of it.", "",
@@ -242,10 +249,12 @@ def main():
     if budgets[0] != 32 or budgets[-1] < 2:
         raise SystemExit("--budgets must include 32 (the full budget, the reference of every ratio) and stay >= 2")
     torch.manual_seed(0)
+    reuses_freed_memory = reuse_freed_memory(True)
     result = dict(command="python scripts/bench_forward.py " + " ".join(
                       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"),
                   machine=platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
+                  reuses_freed_memory=reuses_freed_memory,
                   mixer=mixer_row(args),
                   forward=with_ratios(forward_rows(args, lengths, budgets)),
                   training=with_ratios(training_rows(args, budgets)))

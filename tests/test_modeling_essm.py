@@ -9,9 +9,11 @@ import threading
 import pytest
 import torch
 from conftest import tiny_config
+from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_essm import ESSSMConfig, ESSSMForCausalLM, ESSSMForSequenceClassification, ESSSMModel
+from modeling_essm.budget import default_budget_grid
 from modeling_essm.modeling_essm import ESSSMSpectralMixer, fft_length
 
 K = 16  # num_spectral_filters of tiny_config
@@ -350,6 +352,48 @@ def test_bf16_autocast_is_finite_and_close_to_float32(causal_lm):
         low = causal_lm(x, spectral_budget=8).logits
     assert torch.isfinite(low).all()
     assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def compile_across_the_grid(model, run, backend):
+    """Compile `model` whole (fullgraph: a graph break raises) and call `run(module, k)` at every grid budget.
+
+    Returns the compiled and eager results per budget and the number of graphs compiled for all of them.
+    """
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    budgets = default_budget_grid(model.config.num_spectral_filters)
+    results = {k: (run(compiled, k), run(model, k)) for k in budgets}
+    return results, counters["stats"]["unique_graphs"]
+
+
+def test_torch_compile_has_no_graph_breaks_and_few_graphs_across_budgets():
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(spectral_chunk_size=4)).eval()  # K=16: 1 to 4 chunks
+    x = tokens(seq_len=48)
+    with torch.no_grad():
+        results, graphs = compile_across_the_grid(model, lambda m, k: m(x, spectral_budget=k).logits, "eager")
+    for k, (compiled, eager) in results.items():
+        torch.testing.assert_close(compiled, eager, msg=f"budget {k}")
+    # One graph for the first budget, then at most one per number of chunks: not one per budget.
+    assert graphs <= 1 + math.ceil(K / 4) < len(results)
+
+
+def test_torch_compile_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(hidden_dropout=0.0)).train()
+    x = tokens(seq_len=48)
+
+    def loss_and_grad(module, k):
+        model.zero_grad(set_to_none=True)
+        loss = module(x, labels=x, spectral_budget=k).loss
+        loss.backward()
+        return loss.detach(), model.model.layers[0].mixer.spectral_proj.grad.clone()
+
+    results, graphs = compile_across_the_grid(model, loss_and_grad, "aot_eager")
+    for k, (compiled, eager) in results.items():
+        torch.testing.assert_close(compiled, eager, msg=f"budget {k}")
+    assert graphs < len(results)  # under autograd every budget is one chunk
 
 
 def test_auto_classes_resolve_to_essm(config, tmp_path):
