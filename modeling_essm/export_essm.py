@@ -36,24 +36,21 @@ class FixedFilterSpectrum(nn.Module):
 
 
 class RealArithmeticMixer(nn.Module):
-    """Runs an `ESSSMSpectralMixer` with the spectral product on (real, imaginary) pairs, all channels in one GEMM."""
+    """Runs an `ESSSMSpectralMixer` with the spectral product on (real, imaginary) pairs, then its own `mix`."""
 
     def __init__(self, mixer: ESSSMSpectralMixer):
         super().__init__()
         self.mixer = mixer
 
     def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
-        batch, seq_len, hidden = u.shape
+        seq_len = u.shape[1]
         n_fft = 2 * (filter_spectrum.shape[0] - 1)
-        weights = self.mixer.gate(u, spectral_budget)  # (B, T, k)
         u_spectrum = torch.view_as_real(torch.fft.rfft(u.float(), n=n_fft, dim=1))  # (B, F, D, 2)
         u_re, u_im = u_spectrum[..., 0].unsqueeze(2), u_spectrum[..., 1].unsqueeze(2)  # (B, F, 1, D)
         f_re, f_im = filter_spectrum[..., 0, None], filter_spectrum[..., 1, None]  # (F, k, 1)
         product = torch.stack([u_re * f_re - u_im * f_im, u_re * f_im + u_im * f_re], dim=-1)  # (B, F, k, D, 2)
         conv = torch.fft.irfft(torch.view_as_complex(product), n=n_fft, dim=1)[:, :seq_len]  # (B, T, k, D)
-        features = (conv * weights[..., None]).reshape(batch, seq_len, -1)  # (B, T, k*D)
-        y = self.mixer.skip_proj(u) + features @ self.mixer.spectral_proj.reshape(-1, hidden).to(features.dtype)
-        return y.to(u.dtype)
+        return self.mixer.mix(u, conv, spectral_budget)
 
 
 class ESSSMAtBudget(nn.Module):
