@@ -8,7 +8,7 @@ of a table are timed round-robin, so a slow spell on a shared machine slows them
 against ES-SSM at full budget measured in this same run. Peak memory is the growth of the process's
 resident set during one forward (VmHWM after minus VmRSS before, with the high-water mark reset).
 Timings run with glibc keeping freed memory for reuse (`modeling_essm.cpu_allocator`) for every system
-alike; the memory measurement switches that off, so that the resident set follows the live tensors.
+alike; memory is measured before them, without it, so that the resident set follows the live tensors.
 The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured fp32 GEMM rate.
 Results go to docs/bench_forward.json and the marked section of docs/performance.md.
 """
@@ -40,15 +40,22 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def interleaved_medians(runs: dict, repeats: int) -> dict:
-    """Median seconds of each run, timed round-robin so that a slow spell on a shared machine hits all alike."""
-    for run in runs.values():
-        run()  # warm-up: allocator, FFT plans, lazy inits
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    """Median seconds of each run, timed round-robin so that a slow spell on a shared machine hits all alike.
+
+    glibc keeps freed memory for reuse meanwhile, for every system alike (see modeling_essm.cpu_allocator).
+    """
+    reuse_freed_memory(True)
+    try:
+        for run in runs.values():
+            run()  # warm-up: allocator, FFT plans, lazy inits
+        times = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        reuse_freed_memory(False)
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
@@ -63,7 +70,6 @@ def peak_memory_mb(fn) -> float | None:
     """Resident-set growth while `fn` runs (Linux only; None elsewhere)."""
     try:
         gc.collect()
-        reuse_freed_memory(False)
         libc = ctypes.CDLL("libc.so.6")
         # Blocks >= 1 MiB get their own mappings, returned on free: the resident set then follows live tensors
         # (glibc's adaptive threshold would otherwise keep freed blocks on the heap, hiding or inflating peaks).
@@ -75,8 +81,6 @@ def peak_memory_mb(fn) -> float | None:
         return _proc_status_mb("VmHWM") - before
     except (OSError, RuntimeError):
         return None
-    finally:
-        reuse_freed_memory(True)
 
 
 # --- models at matched size -----------------------------------------------------------------------------
@@ -124,11 +128,13 @@ def forward_rows(args, lengths, budgets):
         models = {"ES-SSM": essm(max(lengths)), "Llama (SDPA)": llama(max(lengths)), "Mamba": mamba(max(lengths))}
         systems = [("ES-SSM", k) for k in budgets] + [("Llama (SDPA)", None), ("Mamba", None)]
         runs = {(name, budget): partial(forward, models[name], x, budget) for name, budget in systems}
+        # Memory first, before the timings' reuse of freed memory has grown and fragmented the heap.
+        memory = {system: peak_memory_mb(run) for system, run in runs.items()}
         seconds = interleaved_medians(runs, args.repeats)
-        for (name, budget), run in runs.items():
+        for name, budget in runs:
             row = dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(models[name]),
                        seconds=seconds[name, budget], tokens_per_s=seq_len / seconds[name, budget],
-                       peak_memory_mb=peak_memory_mb(run))
+                       peak_memory_mb=memory[name, budget])
             rows.append(row)
             print(f"forward  {name:13} k={budget!s:>4} T={seq_len:>6}: {row['tokens_per_s']:>9.0f} tok/s, "
                   f"{row['peak_memory_mb'] or float('nan'):8.0f} MB", flush=True)
@@ -249,7 +255,7 @@ def main():
     if budgets[0] != 32 or budgets[-1] < 2:
         raise SystemExit("--budgets must include 32 (the full budget, the reference of every ratio) and stay >= 2")
     torch.manual_seed(0)
-    reuses_freed_memory = reuse_freed_memory(True)
+    reuses_freed_memory = reuse_freed_memory(False)  # glibc present: the timings will reuse freed memory
     result = dict(command="python scripts/bench_forward.py " + " ".join(
                       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"),
                   machine=platform.processor() or platform.machine(),
