@@ -28,7 +28,11 @@ class ESSSMConfig(PreTrainedConfig):
         intermediate_size (`int`, *optional*): feed-forward width; `None` means 4 * D, `0` disables the feed-forward.
         gate_hidden_size (`int`, *optional*): hidden width of the gate MLP; `None` means D // 2.
         gate_bias_init (`float`, defaults to -2.0): initial bias of the gate logits.
-        spectral_chunk_size (`int`, defaults to 8): channels computed together; bounds the convolution memory.
+        spectral_chunk_size (`int`, defaults to 8): at most this many channels are convolved and projected
+            together at inference (bigger chunks mean bigger GEMMs).
+        spectral_chunk_mb (`float`, defaults to 64.0): and at most as many as keep one chunk's float32
+            convolution output within this many MB, so that inference memory stops growing with the budget
+            on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).
         layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
@@ -52,6 +56,7 @@ class ESSSMConfig(PreTrainedConfig):
         gate_hidden_size: int | None = None,
         gate_bias_init: float = -2.0,
         spectral_chunk_size: int = 8,
+        spectral_chunk_mb: float = 64.0,
         hidden_dropout: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_norm_eps: float = 1e-5,
@@ -75,6 +80,7 @@ class ESSSMConfig(PreTrainedConfig):
         self.gate_hidden_size = max(1, hidden_size // 2) if gate_hidden_size is None else gate_hidden_size
         self.gate_bias_init = gate_bias_init
         self.spectral_chunk_size = spectral_chunk_size
+        self.spectral_chunk_mb = spectral_chunk_mb
         self.hidden_dropout = hidden_dropout
         self.drop_path_rate = drop_path_rate
         self.layer_norm_eps = layer_norm_eps
@@ -113,6 +119,9 @@ class ESSSMConfig(PreTrainedConfig):
             raise ValueError(f"input_size must be None or a positive integer, got {self.input_size!r}.")
         if self.classifier_pooling not in ("mean", "last"):
             raise ValueError(f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}.")
+        chunk_mb = self.spectral_chunk_mb
+        if not isinstance(chunk_mb, (int, float)) or isinstance(chunk_mb, bool) or not chunk_mb > 0:
+            raise ValueError(f"spectral_chunk_mb must be a positive number of megabytes, got {chunk_mb!r}.")
         for name in ("hidden_dropout", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")

@@ -120,6 +120,7 @@ class ESSSMSpectralMixer(nn.Module):
         self.spectral_proj = nn.Parameter(torch.empty(num_filters, hidden, hidden))
         self.skip_proj = nn.Linear(hidden, hidden, bias=False)
         self.chunk_size = config.spectral_chunk_size
+        self.chunk_bytes = config.spectral_chunk_mb * 2**20
 
     def gate(self, u: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         """Per-token mixing weights over the active channels: (B, T, D) -> (B, T, k), float32, rows sum to 1."""
@@ -138,7 +139,7 @@ class ESSSMSpectralMixer(nn.Module):
         y = self.skip_proj(u)  # (B, T, D)
         # Under autograd every chunk's activations are kept anyway, so one chunk (one GEMM) is fastest;
         # at inference chunking keeps the convolution memory independent of the budget.
-        chunk = spectral_budget if torch.is_grad_enabled() else self.chunk_size
+        chunk = spectral_budget if torch.is_grad_enabled() else self.inference_chunk(u.shape[0], u.shape[2], n_fft)
         # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of
         # chunks instead of the exact budget, so all budgets share at most K / chunk_size graphs.
         start = 0
@@ -148,6 +149,11 @@ class ESSSMSpectralMixer(nn.Module):
                                           self.spectral_proj[start:end], seq_len)
             start = end
         return y.to(u.dtype)
+
+    def inference_chunk(self, batch: int, hidden: int, n_fft: int) -> int:
+        """Channels per chunk without autograd: at most `chunk_size`, and within `chunk_bytes` of convolution output."""
+        bytes_per_channel = batch * hidden * n_fft * 4  # the (B, 1, D, n_fft) float32 inverse FFT
+        return max(1, min(self.chunk_size, int(self.chunk_bytes // bytes_per_channel)))
 
     @staticmethod
     def project_channels(u_spectrum, filter_spectrum, weights, projections, seq_len: int) -> torch.Tensor:

@@ -308,7 +308,8 @@ def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
      (dict(num_spectral_filters=200), "cannot exceed max_position_embeddings"),
      (dict(hidden_size=0), "hidden_size must be a positive integer"),
      (dict(classifier_pooling="max"), "classifier_pooling"),
-     (dict(hidden_dropout=1.5), "hidden_dropout")],
+     (dict(hidden_dropout=1.5), "hidden_dropout"),
+     (dict(spectral_chunk_mb=0), "spectral_chunk_mb must be a positive number of megabytes, got 0")],
 )
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -365,6 +366,24 @@ def compile_across_the_grid(model, run, backend):
     budgets = default_budget_grid(model.config.num_spectral_filters)
     results = {k: (run(compiled, k), run(model, k)) for k in budgets}
     return results, counters["stats"]["unique_graphs"]
+
+
+def test_inference_chunks_keep_the_convolution_output_within_spectral_chunk_mb():
+    mixer = ESSSMSpectralMixer(tiny_config(hidden_size=256, spectral_chunk_size=8))  # 64 MB by default
+    # (batch, n_fft) -> channels: 8 MB per channel at L=4096, 32 MB at L=16384, 64 MB at L=32768.
+    chunks = {(1, 2048): 8, (1, 8192): 8, (1, 32768): 2, (1, 65536): 1, (4, 8192): 2}
+    assert {shape: mixer.inference_chunk(shape[0], 256, shape[1]) for shape in chunks} == chunks
+
+
+def test_memory_bounded_chunks_give_the_same_outputs(causal_lm):
+    one_channel_chunks = ESSSMForCausalLM(tiny_config(spectral_chunk_mb=1e-6)).eval()
+    one_channel_chunks.load_state_dict(causal_lm.state_dict())
+    assert one_channel_chunks.model.layers[0].mixer.inference_chunk(2, 32, 256) == 1
+    x = tokens(seq_len=100)
+    with torch.no_grad():
+        for k in (2, 7, K):
+            torch.testing.assert_close(one_channel_chunks(x, spectral_budget=k).logits,
+                                       causal_lm(x, spectral_budget=k).logits)
 
 
 def test_torch_compile_has_no_graph_breaks_and_few_graphs_across_budgets():
