@@ -127,7 +127,7 @@ def run_model(run_config, model_name, results_dir, command=None, reuses_freed_me
             "eval_samples": len(trainer.eval_dataset),
             "eval_batch_size": batch_size,
             "num_threads": torch.get_num_threads(),
-            "reuses_freed_memory": reuses_freed_memory,  # see cpu_allocator: about 2x faster CPU steps for all models
+            "reuses_freed_memory": reuses_freed_memory,  # see cpu_allocator: changes speeds, not results
             # mambapy decides which scan Mamba runs on CPU (see baselines.mamba_config).
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "mambapy": package_version("mambapy")},

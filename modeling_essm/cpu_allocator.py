@@ -1,4 +1,4 @@
-"""Keep freed CPU memory for reuse: about 2x faster CPU training and inference with glibc.
+"""Keep freed CPU memory for reuse: with glibc, ES-SSM training steps on CPU run about 2x faster.
 
 glibc serves every allocation over 32 MB (and, by default, many over 128 kB) with fresh pages from
 mmap and returns them to the system on free. PyTorch frees and re-allocates the same large buffers
@@ -6,7 +6,7 @@ at every layer and step (FFT spectra, activations), so each one is faulted in an
 kernel again: measured at half of an ES-SSM training step and 44% of the mixer's inference time
 (docs/performance.md). Keeping freed memory on the heap removes that cost for any model, at the
 price of a resident set that stays at its peak. It is process-wide, so the package never changes it
-on import: our commands (essm-train, essm-eval-budgets, essm-compare, the benchmark scripts) switch
+on import: our commands (essm-train, essm-eval-budgets, essm-compare, scripts/bench_forward.py) switch
 it on, and users can too. Environment equivalent: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
 """
 
