@@ -136,19 +136,20 @@ class ESSSMSpectralMixer(nn.Module):
         weights = self.gate(u, spectral_budget).transpose(1, 2)  # (B, k, T)
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
-        y = self.skip_proj(u)  # (B, T, D)
         # Under autograd every chunk's activations are kept anyway, so one chunk (one GEMM) is fastest;
         # at inference chunking keeps the convolution memory independent of the budget.
         chunk = spectral_budget if torch.is_grad_enabled() else self.inference_chunk(u.shape[0], u.shape[2], n_fft)
+        # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
+        spectral = u.new_zeros(u.shape[0], u.shape[2], seq_len, dtype=torch.float32)  # (B, D, T)
         # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of
         # chunks instead of the exact budget, so all budgets share at most K / chunk_size graphs.
         start = 0
         while start < spectral_budget:
             end = min(start + chunk, spectral_budget)
-            y = y + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
-                                          self.spectral_proj[start:end], seq_len)
+            spectral = spectral + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
+                                                        self.spectral_proj[start:end], seq_len)
             start = end
-        return y.to(u.dtype)
+        return (self.skip_proj(u) + spectral.transpose(1, 2)).to(u.dtype)  # (B, T, D)
 
     def inference_chunk(self, batch: int, hidden: int, n_fft: int) -> int:
         """Channels per chunk without autograd: at most `chunk_size`, and within `chunk_bytes` of convolution output."""
@@ -157,7 +158,7 @@ class ESSSMSpectralMixer(nn.Module):
 
     @staticmethod
     def project_channels(u_spectrum, filter_spectrum, weights, projections, seq_len: int) -> torch.Tensor:
-        """sum_j a_j(t) (phi_j * u)(t) M_j over a chunk of c channels: (B, D, F) spectra -> (B, T, D).
+        """sum_j a_j(t) (phi_j * u)(t) M_j over a chunk of c channels: (B, D, F) spectra -> (B, D, T), time last.
 
         A function of its own so that a chunk's (B, c, D, 2T) intermediates are freed before the next is built.
         """
@@ -165,7 +166,9 @@ class ESSSMSpectralMixer(nn.Module):
         spectra = u_spectrum.unsqueeze(1) * filter_spectrum[:, None]  # (B, c, D, F)
         conv = torch.fft.irfft(spectra, n=2 * (n_freq - 1))[..., :seq_len]  # (B, c, D, T)
         features = (conv * weights[:, :, None]).reshape(batch, -1, seq_len)  # (B, c*D, T)
-        return features.transpose(1, 2) @ projections.reshape(-1, hidden).to(features.dtype)
+        # M^T @ features rather than features^T @ M: a time-major operand would be a transposed one, which
+        # CPU bf16 GEMMs (autocast) run at a quarter of their speed; fp32 runs alike either way.
+        return projections.reshape(-1, hidden).T.to(features.dtype) @ features  # (B, D, T)
 
     def step(self, u: torch.Tensor, cache_layer, spectral_basis: ESSSMSpectralBasis, spectral_budget: int):
         """Outputs (B, n, D) at the positions u (B, n, D) adds to the history in `cache_layer`; n = 1 when decoding."""
