@@ -1,16 +1,19 @@
 """Forward and training-step speed of the reference ES-SSM LM against Llama (SDPA) and Mamba, in one run.
 
     python scripts/bench_forward.py                     # full run: lengths 1024, 4096, 16384
+    python scripts/bench_forward.py --bf16              # the same under bf16 autocast, every system alike
     python scripts/bench_forward.py --lengths 512 --budgets 32,4 --repeats 1 --no-write   # smoke run
 
-Every number is the median of `--repeats` timed runs after one warm-up, batch 1, float32; the systems
+Every number is the median of `--repeats` timed runs after one warm-up, batch 1, float32 (or, with
+`--bf16`, every system under `torch.autocast("cpu", dtype=torch.bfloat16)`, weights float32); the systems
 of a table are timed round-robin, so a slow spell on a shared machine slows them all alike. Ratios are
 against ES-SSM at full budget measured in this same run. Peak memory is the growth of the process's
 resident set during one forward (VmHWM after minus VmRSS before, with the high-water mark reset).
 Timings run with glibc keeping freed memory for reuse (`modeling_essm.cpu_allocator`) for every system
 alike; memory is measured before them, without it, so that the resident set follows the live tensors.
-The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured fp32 GEMM rate.
-Results go to docs/bench_forward.json and the marked section of docs/performance.md.
+The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured GEMM rate in
+the same precision. Results go to docs/bench_forward.json (bench_forward_bf16.json) and the marked section
+of docs/performance.md for that precision.
 """
 
 import argparse
@@ -32,8 +35,9 @@ from modeling_essm.cpu_allocator import reuse_freed_memory
 from modeling_essm.modeling_essm import fft_length
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-BEGIN, END = "<!-- bench_forward:begin -->", "<!-- bench_forward:end -->"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+FLOAT32, BF16_AUTOCAST = "float32", "bf16 autocast (weights float32)"
+GEMM_PRECISION = {FLOAT32: "fp32", BF16_AUTOCAST: "bf16"}
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -127,7 +131,7 @@ def forward_rows(args, lengths, budgets):
         x = torch.randint(0, 256, (1, seq_len))
         models = {"ES-SSM": essm(max(lengths)), "Llama (SDPA)": llama(max(lengths)), "Mamba": mamba(max(lengths))}
         systems = [("ES-SSM", k) for k in budgets] + [("Llama (SDPA)", None), ("Mamba", None)]
-        runs = {(name, budget): partial(forward, models[name], x, budget) for name, budget in systems}
+        runs = {(name, budget): partial(forward, models[name], x, budget, args.bf16) for name, budget in systems}
         # Memory first, before the timings' reuse of freed memory has grown and fragmented the heap.
         memory = {system: peak_memory_mb(run) for system, run in runs.items()}
         seconds = interleaved_medians(runs, args.repeats)
@@ -143,15 +147,22 @@ def forward_rows(args, lengths, budgets):
     return rows
 
 
+def precision(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
 @torch.no_grad()
-def forward(model, x, budget):
-    return model(x) if budget is None else model(x, spectral_budget=budget)
+def forward(model, x, budget, bf16=False):
+    with precision(bf16):
+        return model(x) if budget is None else model(x, spectral_budget=budget)
 
 
-def training_step(model, x, budget):
+def training_step(model, x, budget, bf16=False):
     model.zero_grad(set_to_none=True)
     kwargs = {} if budget is None else {"spectral_budget": budget}
-    model(x, labels=x, **kwargs).loss.backward()
+    with precision(bf16):
+        loss = model(x, labels=x, **kwargs).loss
+    loss.backward()
 
 
 def training_rows(args, budgets):
@@ -160,7 +171,7 @@ def training_rows(args, budgets):
     # Mamba is left out here: on CPU its pure-PyTorch scan needs minutes per training step at this length.
     models = {"ES-SSM": essm(seq_len).train(), "Llama (SDPA)": llama(seq_len).train()}
     systems = [("ES-SSM", k) for k in sorted({budgets[0], budgets[-1]}, reverse=True)] + [("Llama (SDPA)", None)]
-    runs = {(name, budget): partial(training_step, models[name], x, budget) for name, budget in systems}
+    runs = {(name, budget): partial(training_step, models[name], x, budget, args.bf16) for name, budget in systems}
     seconds = interleaved_medians(runs, args.repeats)
     rows = []
     for name, budget in systems:
@@ -171,14 +182,15 @@ def training_rows(args, budgets):
 
 
 def mixer_row(args):
-    """The first block's mixer at full budget, timed beside a 2048^3 fp32 GEMM (the machine's rate)."""
+    """The first block's mixer at full budget, timed beside a 2048^3 GEMM of the run's precision (the machine's rate)."""
     seq_len = args.mixer_length
     model = essm(seq_len)
     mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
     budget = model.config.num_spectral_filters
     u = torch.randn(1, seq_len, model.config.hidden_size)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    with torch.no_grad():
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # the precision autocast gives the mixer's GEMMs
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    with torch.no_grad(), precision(args.bf16):
         spectrum = basis.filter_spectrum(seq_len, budget)
         seconds = interleaved_medians({"mixer": lambda: mixer(u, spectrum, budget), "gemm": lambda: a @ b},
                                       args.repeats)
@@ -200,10 +212,12 @@ def with_ratios(rows):
 def markdown(result) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Command: `{result['command']}`  ",
-             f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, float32, batch 1. "
+             f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, "
+             f"{result['precision']}, batch 1. "
              f"Medians of {result['repeats']} runs after a warm-up, timed round-robin across systems"
              f"{', glibc keeping freed memory for reuse' if result.get('reuses_freed_memory') else ''}.", "",
-             f"Measured fp32 GEMM rate (2048^3): **{result['mixer']['gemm_gflops']:.1f} GFLOP/s**. "
+             f"Measured {GEMM_PRECISION[result['precision']]} GEMM rate (2048^3): "
+             f"**{result['mixer']['gemm_gflops']:.1f} GFLOP/s**. "
              f"ES-SSM mixer at k={result['mixer']['budget']}, L={result['mixer']['seq_len']}: "
              f"{result['mixer']['gflops']:.1f} GFLOP/s = **{result['mixer']['fraction_of_gemm']:.0%}** of it.", "",
              "Forward (inference):", "",
@@ -220,16 +234,30 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
-def write(result):
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "bench_forward.json").write_text(json.dumps(result, indent=2) + "\n")
+def output_names(precision: str) -> tuple[str, str, str]:
+    """The JSON's stem and the markers of the section in docs/performance.md that a run of this precision owns."""
+    name = "bench_forward" if precision == FLOAT32 else "bench_forward_bf16"
+    return name, f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def performance_page(precision: str) -> str:
+    """docs/performance.md's text; a page without this precision's markers is refused (checked before measuring)."""
+    _, begin, end = output_names(precision)
     page = DOCS / "performance.md"
-    text = page.read_text() if page.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{page} lacks the markers {BEGIN} / {END}: not overwriting hand-written text.")
-    head, rest = text.split(BEGIN, 1)
-    page.write_text(f"{head}{BEGIN}\n{markdown(result)}\n{END}{rest.split(END, 1)[1]}")
-    print(f"wrote {DOCS / 'bench_forward.json'} and {page}")
+    text = page.read_text() if page.exists() else f"# Performance\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{page} lacks the markers {begin} / {end}: not overwriting hand-written text.")
+    return text
+
+
+def write(result):
+    """The JSON and the marked section of docs/performance.md for the run's precision; other text stays."""
+    name, begin, end = output_names(result["precision"])
+    head, rest = performance_page(result["precision"]).split(begin, 1)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (DOCS / "performance.md").write_text(f"{head}{begin}\n{markdown(result)}\n{end}{rest.split(end, 1)[1]}")
+    print(f"wrote {DOCS / f'{name}.json'} and {DOCS / 'performance.md'}")
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -249,17 +277,23 @@ def main():
     parser.add_argument("--train-length", type=int, default=4096)
     parser.add_argument("--mixer-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="run every system under bf16 autocast")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     lengths, budgets = parse_ints(args.lengths, "lengths"), sorted(parse_ints(args.budgets, "budgets"), reverse=True)
     if budgets[0] != 32 or budgets[-1] < 2:
         raise SystemExit("--budgets must include 32 (the full budget, the reference of every ratio) and stay >= 2")
+    precision_label = BF16_AUTOCAST if args.bf16 else FLOAT32
+    if not args.no_write:
+        performance_page(precision_label)  # a page it may not write is refused before the minutes of measuring
     torch.manual_seed(0)
     reuses_freed_memory = reuse_freed_memory(False)  # glibc present: the timings will reuse freed memory
     result = dict(command="python scripts/bench_forward.py " + " ".join(
-                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"),
+                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("no_write", "bf16"))
+                      + (" --bf16" if args.bf16 else ""),
                   machine=platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
+                  precision=precision_label,
                   reuses_freed_memory=reuses_freed_memory,
                   mixer=mixer_row(args),
                   forward=with_ratios(forward_rows(args, lengths, budgets)),

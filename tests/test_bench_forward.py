@@ -1,0 +1,67 @@
+"""scripts/bench_forward.py: a tiny run end to end, writing only the section of its own precision."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_forward.py"
+PAGE = """# Performance
+hand-written
+<!-- bench_forward:begin -->
+OLD FLOAT32 TABLE
+<!-- bench_forward:end -->
+more hand-written text
+<!-- bench_forward_bf16:begin -->
+OLD BF16 TABLE
+<!-- bench_forward_bf16:end -->
+the end
+"""
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_forward", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "DOCS", tmp_path)
+    return module
+
+
+def run(bench, monkeypatch, *flags):
+    monkeypatch.setattr(sys, "argv", ["bench_forward.py", "--lengths", "64", "--budgets", "32,2", "--train-length", "64",
+                                      "--mixer-length", "64", "--repeats", "1", *flags])
+    bench.main()
+
+
+def test_bf16_run_measures_every_system_and_replaces_only_its_section(bench, tmp_path, monkeypatch):
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE)
+    run(bench, monkeypatch, "--bf16")
+    text = page.read_text()
+    assert "OLD BF16 TABLE" not in text and "bf16 autocast (weights float32)" in text
+    for kept in ("hand-written", "OLD FLOAT32 TABLE", "more hand-written text", "the end"):
+        assert kept in text
+    assert not (tmp_path / "bench_forward.json").exists()
+    result = json.loads((tmp_path / "bench_forward_bf16.json").read_text())
+    assert result["command"].endswith("--bf16")
+    forward = {(row["model"], row["budget"]): row for row in result["forward"]}
+    assert set(forward) == {("ES-SSM", 32), ("ES-SSM", 2), ("Llama (SDPA)", None), ("Mamba", None)}
+    assert all(row["tokens_per_s"] > 0 for row in result["forward"])
+    assert forward["ES-SSM", 32]["speed_vs_full"] == 1.0
+    assert forward["ES-SSM", 2]["parameters"] == forward["ES-SSM", 32]["parameters"]
+    assert [(row["model"], row["budget"]) for row in result["training"]] == [
+        ("ES-SSM", 32), ("ES-SSM", 2), ("Llama (SDPA)", None)]
+    assert 0 < result["mixer"]["fraction_of_gemm"]
+
+
+def test_a_page_without_the_markers_is_refused_before_measuring_and_left_untouched(bench, tmp_path, monkeypatch):
+    page = tmp_path / "performance.md"
+    page.write_text("# Performance\nonly hand-written text\n")
+    monkeypatch.setattr(bench, "mixer_row", lambda args: pytest.fail("measured before checking the page"))
+    with pytest.raises(SystemExit, match="lacks the markers"):
+        run(bench, monkeypatch)
+    assert page.read_text() == "# Performance\nonly hand-written text\n"
+    assert not (tmp_path / "bench_forward.json").exists()
