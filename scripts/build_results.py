@@ -27,6 +27,7 @@ DESCRIPTIONS = {
     "installed, see `settings.versions` in each JSON), parameter count matched within 10%",
 }
 CLASSIFICATION_TASKS = ("listops", "text", "image")  # the issue's targets are set on these
+LANGUAGE_MODELLING_TASK = "lm"
 
 
 def load_results(results_dir):
@@ -106,6 +107,23 @@ def budget_table(results):
 def metric_at(result, budget):
     row = next((row for row in result.get("budgets") or [] if row["budget"] == budget), None)
     return None if row is None else row[result["metric"]]
+
+
+def summary_table(results):
+    """One row per task: the full-budget and k=4 results of both ES-SSM variants beside the two baselines."""
+    columns = [("essm", None), ("essm", 4), ("essm-fixed", None), ("essm-fixed", 4), ("llama", None), ("mamba", None)]
+    header = " | ".join(model if budget is None else f"{model} k=4" for model, budget in columns)
+    lines = [f"| task | metric | {header} |", "|---|---|" + "---:|" * len(columns)]
+    for task in TASK_NAMES:
+        task_results = results.get(task, {})
+        cells = []
+        for model, budget in columns:
+            result = task_results.get(model)
+            value = None if result is None else result[result["metric"]] if budget is None else metric_at(result, budget)
+            cells.append("not yet run" if value is None else format_metric(result, value))
+        metric = "bits per byte" if task == LANGUAGE_MODELLING_TASK else "accuracy"
+        lines.append(f"| {TITLES[task].split(' (')[0]} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def target_checks(results):
@@ -218,6 +236,10 @@ def render(results, docs_dir, results_dir):
         *[compare_command(task) for task in TASK_NAMES],
         "python scripts/build_results.py",
         "```",
+        "",
+        "At a glance (full budget K=32 unless marked k=4; each task's section has the details, the targets and notes):",
+        "",
+        summary_table(results),
         "",
     ]
     for task in TASK_NAMES:

@@ -129,6 +129,8 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
     assert "| model | parameters | layers x width | accuracy | final train loss | eval tokens/s |" in page
     assert "| llama | 300,000 | 2 x 64 | 37.0% | 1.750 | 1,234 | 10.0 min | 1.50 | 400 |" in page
     assert "| mamba | not yet run |" in page
+    assert "| ListOps | accuracy | 40.0% | 39.0% | 41.0% | 12.0% | 37.0% | not yet run |" in page  # at a glance
+    assert "| Text | accuracy | " + " | ".join(["not yet run"] * 6) + " |" in page
     assert "| 4 | 4,000 | 39.0% | 12.0% |" in page  # both budget curves at every budget
     assert "Sequence length 100-500, 20000 training / 500 evaluation examples, 400 steps of batch 32" in page
     assert "ES-SSM at full budget (40.0%) at least matches the Transformer (37.0%): met" in page
