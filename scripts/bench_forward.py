@@ -7,10 +7,11 @@
 Every number is the median of `--repeats` timed runs after one warm-up, batch 1, float32 (or, with
 `--bf16`, every system under `torch.autocast("cpu", dtype=torch.bfloat16)`, weights float32); the systems
 of a table are timed round-robin, so a slow spell on a shared machine slows them all alike. Ratios are
-against ES-SSM at full budget measured in this same run. Peak memory is the growth of the process's
-resident set during one forward (VmHWM after minus VmRSS before, with the high-water mark reset).
+against ES-SSM at full budget measured in this same run. Peak memory is the growth of the resident set
+during one forward (VmHWM after minus VmRSS before, with the high-water mark reset), measured in a fresh
+process per system and length so that the benchmark's own heap history cannot hide or inflate it.
 Timings run with glibc keeping freed memory for reuse (`modeling_essm.cpu_allocator`) for every system
-alike; memory is measured before them, without it, so that the resident set follows the live tensors.
+alike; memory is measured without it, so that the resident set follows the live tensors.
 The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured GEMM rate in
 the same precision. Results go to docs/bench_forward.json (bench_forward_bf16.json) and the marked section
 of docs/performance.md for that precision.
@@ -21,9 +22,11 @@ import ctypes
 import gc
 import json
 import math
+import multiprocessing
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -109,6 +112,9 @@ def mamba(max_len: int) -> MambaForCausalLM:
     return MambaForCausalLM(config).eval()
 
 
+BUILDERS = {"ES-SSM": essm, "Llama (SDPA)": llama, "Mamba": mamba}
+
+
 def parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -129,11 +135,11 @@ def forward_rows(args, lengths, budgets):
     rows = []
     for seq_len in lengths:
         x = torch.randint(0, 256, (1, seq_len))
-        models = {"ES-SSM": essm(max(lengths)), "Llama (SDPA)": llama(max(lengths)), "Mamba": mamba(max(lengths))}
         systems = [("ES-SSM", k) for k in budgets] + [("Llama (SDPA)", None), ("Mamba", None)]
+        memory = {(name, budget): fresh_process_memory_mb(name, max(lengths), seq_len, budget, args.bf16)
+                  for name, budget in systems}
+        models = {name: build(max(lengths)) for name, build in BUILDERS.items()}
         runs = {(name, budget): partial(forward, models[name], x, budget, args.bf16) for name, budget in systems}
-        # Memory first, before the timings' reuse of freed memory has grown and fragmented the heap.
-        memory = {system: peak_memory_mb(run) for system, run in runs.items()}
         seconds = interleaved_medians(runs, args.repeats)
         for name, budget in runs:
             row = dict(model=name, budget=budget, seq_len=seq_len, parameters=parameters(models[name]),
@@ -149,6 +155,18 @@ def forward_rows(args, lengths, budgets):
 
 def precision(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def fresh_process_memory_mb(name: str, max_len: int, seq_len: int, budget, bf16: bool) -> float | None:
+    """Peak memory of one forward of a newly built model, in a new interpreter (spawned, not forked)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(forward_memory_mb, name, max_len, seq_len, budget, bf16).result()
+
+
+def forward_memory_mb(name: str, max_len: int, seq_len: int, budget, bf16: bool) -> float | None:
+    torch.manual_seed(0)
+    model, x = BUILDERS[name](max_len), torch.randint(0, 256, (1, seq_len))
+    return peak_memory_mb(partial(forward, model, x, budget, bf16))
 
 
 @torch.no_grad()

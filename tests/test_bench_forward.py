@@ -27,6 +27,8 @@ def bench(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "DOCS", tmp_path)
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned memory measurements import it by name
+    monkeypatch.setitem(sys.modules, "bench_forward", module)
     return module
 
 
@@ -49,7 +51,7 @@ def test_bf16_run_measures_every_system_and_replaces_only_its_section(bench, tmp
     assert result["command"].endswith("--bf16")
     forward = {(row["model"], row["budget"]): row for row in result["forward"]}
     assert set(forward) == {("ES-SSM", 32), ("ES-SSM", 2), ("Llama (SDPA)", None), ("Mamba", None)}
-    assert all(row["tokens_per_s"] > 0 for row in result["forward"])
+    assert all(row["tokens_per_s"] > 0 and row["peak_memory_mb"] is not None for row in result["forward"])
     assert forward["ES-SSM", 32]["speed_vs_full"] == 1.0
     assert forward["ES-SSM", 2]["parameters"] == forward["ES-SSM", 32]["parameters"]
     assert [(row["model"], row["budget"]) for row in result["training"]] == [
