@@ -153,8 +153,8 @@ def forward_rows(args, lengths, budgets):
     return rows
 
 
-def precision(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+def bf16_autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def fresh_process_memory_mb(name: str, max_len: int, seq_len: int, budget, bf16: bool) -> float | None:
@@ -171,14 +171,14 @@ def forward_memory_mb(name: str, max_len: int, seq_len: int, budget, bf16: bool)
 
 @torch.no_grad()
 def forward(model, x, budget, bf16=False):
-    with precision(bf16):
+    with bf16_autocast(bf16):
         return model(x) if budget is None else model(x, spectral_budget=budget)
 
 
 def training_step(model, x, budget, bf16=False):
     model.zero_grad(set_to_none=True)
     kwargs = {} if budget is None else {"spectral_budget": budget}
-    with precision(bf16):
+    with bf16_autocast(bf16):
         loss = model(x, labels=x, **kwargs).loss
     loss.backward()
 
@@ -208,7 +208,7 @@ def mixer_row(args):
     u = torch.randn(1, seq_len, model.config.hidden_size)
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # the precision autocast gives the mixer's GEMMs
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    with torch.no_grad(), precision(args.bf16):
+    with torch.no_grad(), bf16_autocast(args.bf16):
         spectrum = basis.filter_spectrum(seq_len, budget)
         seconds = interleaved_medians({"mixer": lambda: mixer(u, spectrum, budget), "gemm": lambda: a @ b},
                                       args.repeats)
