@@ -306,9 +306,9 @@ def main():
         performance_page(precision_label)  # a page it may not write is refused before the minutes of measuring
     torch.manual_seed(0)
     reuses_freed_memory = reuse_freed_memory(False)  # glibc present: the timings will reuse freed memory
+    options = {f"--{name.replace('_', '-')}": value for name, value in vars(args).items() if name != "no_write"}
     result = dict(command="python scripts/bench_forward.py " + " ".join(
-                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("no_write", "bf16"))
-                      + (" --bf16" if args.bf16 else ""),
+                      name if value is True else f"{name} {value}" for name, value in options.items() if value is not False),
                   machine=platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
                   precision=precision_label,

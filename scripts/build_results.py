@@ -105,6 +105,9 @@ def budget_table(results):
 
 
 def metric_at(result, budget):
+    """The result's metric at a budget of its sweep (None if not swept), or its headline metric for budget None."""
+    if budget is None:
+        return result[result["metric"]]
     row = next((row for row in result.get("budgets") or [] if row["budget"] == budget), None)
     return None if row is None else row[result["metric"]]
 
@@ -119,7 +122,7 @@ def summary_table(results):
         cells = []
         for model, budget in columns:
             result = task_results.get(model)
-            value = None if result is None else result[result["metric"]] if budget is None else metric_at(result, budget)
+            value = None if result is None else metric_at(result, budget)
             cells.append("not yet run" if value is None else format_metric(result, value))
         metric = "bits per byte" if task == LANGUAGE_MODELLING_TASK else "accuracy"
         lines.append(f"| {TITLES[task].split(' (')[0]} | {metric} | " + " | ".join(cells) + " |")
