@@ -12,9 +12,10 @@ during one forward (VmHWM after minus VmRSS before, with the high-water mark res
 process per system and length so that the benchmark's own heap history cannot hide or inflate it.
 Timings run with glibc keeping freed memory for reuse (`modeling_essm.cpu_allocator`) for every system
 alike; memory is measured without it, so that the resident set follows the live tensors.
-The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured GEMM rate in
-the same precision. Results go to docs/bench_forward.json (bench_forward_bf16.json) and the marked section
-of docs/performance.md for that precision.
+The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured fp32 GEMM rate
+(issue 6's yardstick) and, in a bf16 run, of its bf16 GEMM rate too; issue 6's four targets are checked on
+the run's own numbers. Results go to docs/bench_forward.json (bench_forward_bf16.json) and the marked
+section of docs/performance.md for that precision.
 """
 
 import argparse
@@ -40,7 +41,6 @@ from modeling_essm.modeling_essm import fft_length
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 FLOAT32, BF16_AUTOCAST = "float32", "bf16 autocast (weights float32)"
-GEMM_PRECISION = {FLOAT32: "fp32", BF16_AUTOCAST: "bf16"}
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -93,10 +93,11 @@ def peak_memory_mb(fn) -> float | None:
 # --- models at matched size -----------------------------------------------------------------------------
 
 
+ESSM_REFERENCE = dict(hidden_size=256, num_hidden_layers=8, num_spectral_filters=32)  # DESIGN 1.3
+
+
 def essm(max_len: int) -> ESSSMForCausalLM:
-    config = ESSSMConfig(hidden_size=256, num_hidden_layers=8, num_spectral_filters=32,
-                         max_position_embeddings=max_len)
-    return ESSSMForCausalLM(config).eval()
+    return ESSSMForCausalLM(ESSSMConfig(**ESSM_REFERENCE, max_position_embeddings=max_len)).eval()
 
 
 def llama(max_len: int) -> LlamaForCausalLM:
@@ -200,24 +201,25 @@ def training_rows(args, budgets):
 
 
 def mixer_row(args):
-    """The first block's mixer at full budget, timed beside a 2048^3 GEMM of the run's precision (the machine's rate)."""
+    """The first block's mixer at full budget, timed beside 2048^3 GEMMs: fp32 always, and bf16 in a bf16 run."""
     seq_len = args.mixer_length
     model = essm(seq_len)
     mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
     budget = model.config.num_spectral_filters
     u = torch.randn(1, seq_len, model.config.hidden_size)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32  # the precision autocast gives the mixer's GEMMs
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    precisions = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if args.bf16 else {})}
+    gemms = {name: [torch.randn(2048, 2048, dtype=dtype) for _ in range(2)] for name, dtype in precisions.items()}
     with torch.no_grad(), bf16_autocast(args.bf16):
         spectrum = basis.filter_spectrum(seq_len, budget)
-        seconds = interleaved_medians({"mixer": lambda: mixer(u, spectrum, budget), "gemm": lambda: a @ b},
-                                      args.repeats)
-    gemm_rate = 2 * 2048**3 / seconds["gemm"] / 1e9
+        runs = {"mixer": lambda: mixer(u, spectrum, budget)}
+        runs.update({name: partial(torch.matmul, a, b) for name, (a, b) in gemms.items()})
+        seconds = interleaved_medians(runs, args.repeats)
     rate = mixer_flops(model.config, seq_len, budget) / seconds["mixer"] / 1e9
-    print(f"mixer    k={budget} T={seq_len}: {rate:.1f} GFLOP/s = {rate / gemm_rate:.0%} of the GEMM rate "
-          f"({gemm_rate:.1f} GFLOP/s)", flush=True)
-    return dict(seq_len=seq_len, budget=budget, seconds=seconds["mixer"], gflops=rate, gemm_gflops=gemm_rate,
-                fraction_of_gemm=rate / gemm_rate)
+    gemm_rates = {name: 2 * 2048**3 / seconds[name] / 1e9 for name in precisions}
+    print(f"mixer    k={budget} T={seq_len}: {rate:.1f} GFLOP/s = " + ", ".join(
+        f"{rate / gemm:.0%} of the {name} GEMM rate ({gemm:.1f})" for name, gemm in gemm_rates.items()), flush=True)
+    return dict(seq_len=seq_len, budget=budget, seconds=seconds["mixer"], gflops=rate, gemm_gflops=gemm_rates,
+                fraction_of_gemm={name: rate / gemm for name, gemm in gemm_rates.items()})
 
 
 def with_ratios(rows):
@@ -227,6 +229,43 @@ def with_ratios(rows):
             for r in rows]
 
 
+TARGET_VERDICT = {True: "met", False: "MISSED", None: "not measured"}
+
+
+def issue_targets(result) -> list[dict]:
+    """The "done when" of issue 6, each checked on this run's own numbers (met is None where it was not measured)."""
+    forward = {(r["model"], r["budget"], r["seq_len"]): r["tokens_per_s"] for r in result["forward"]}
+
+    def at_least(text, value, threshold, shown_as):
+        measured = "-" if value is None else shown_as.format(value)
+        return dict(target=text, measured=measured, met=None if value is None else value >= threshold)
+
+    def speed_ratio(fast, slow):
+        return forward[fast] / forward[slow] if fast in forward and slow in forward else None
+
+    mixer = result["mixer"]
+    fraction = mixer["fraction_of_gemm"]["fp32"] if (mixer["budget"], mixer["seq_len"]) == (32, 4096) else None
+    peaks = {r["budget"]: r["peak_memory_mb"] for r in result["forward"]
+             if r["model"] == "ES-SSM" and r["seq_len"] == 16384 and r["peak_memory_mb"] is not None}
+    memory = dict(target="L=16384: inference peak memory grows with the budget by no more than the extra weights",
+                  measured="-", met=None)
+    if len(peaks) > 1:
+        low, high = min(peaks), max(peaks)
+        growth = max(peaks.values()) - peaks[low]
+        # The M_j that the largest budget reads beyond the smallest one's, float32.
+        extra = (high - low) * ESSM_REFERENCE["hidden_size"] ** 2 * 4 * ESSM_REFERENCE["num_hidden_layers"] / 2**20
+        memory.update(measured=f"+{growth:.0f} MB from k={low} to k={high}; extra weights {extra:.0f} MB",
+                      met=growth <= extra)
+    return [
+        at_least("L=16384: ES-SSM k=32 >= 3x the tokens/s of Llama",
+                 speed_ratio(("ES-SSM", 32, 16384), ("Llama (SDPA)", None, 16384)), 3.0, "{:.2f}x"),
+        at_least("L=4096: k=4 >= 2.8x the tokens/s of k=32",
+                 speed_ratio(("ES-SSM", 4, 4096), ("ES-SSM", 32, 4096)), 2.8, "{:.2f}x"),
+        at_least("mixer at k=32, L=4096 >= 50% of the fp32 GEMM rate", fraction, 0.5, "{:.0%}"),
+        memory,
+    ]
+
+
 def markdown(result) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Command: `{result['command']}`  ",
@@ -234,10 +273,14 @@ def markdown(result) -> str:
              f"{result['precision']}, batch 1. "
              f"Medians of {result['repeats']} runs after a warm-up, timed round-robin across systems"
              f"{', glibc keeping freed memory for reuse' if result.get('reuses_freed_memory') else ''}.", "",
-             f"Measured {GEMM_PRECISION[result['precision']]} GEMM rate (2048^3): "
-             f"**{result['mixer']['gemm_gflops']:.1f} GFLOP/s**. "
+             "Measured GEMM rate (2048^3): " + ", ".join(
+                 f"{name} **{gemm:.1f} GFLOP/s**" for name, gemm in result["mixer"]["gemm_gflops"].items()) + ". "
              f"ES-SSM mixer at k={result['mixer']['budget']}, L={result['mixer']['seq_len']}: "
-             f"{result['mixer']['gflops']:.1f} GFLOP/s = **{result['mixer']['fraction_of_gemm']:.0%}** of it.", "",
+             f"{result['mixer']['gflops']:.1f} GFLOP/s = " + ", ".join(
+                 f"**{fraction:.0%}** of the {name} rate" for name, fraction in result["mixer"]["fraction_of_gemm"].items())
+             + ".", "",
+             "Issue 6's targets, checked on this run's numbers:", "", "| target | this run | |", "|---|---|---|",
+             *(f"| {t['target']} | {t['measured']} | {TARGET_VERDICT[t['met']]} |" for t in issue_targets(result)), "",
              "Forward (inference):", "",
              "| model | budget | length | parameters | tokens/s | vs ES-SSM k=32 | peak memory (MB) |",
              "|---|---|---|---|---|---|---|"]

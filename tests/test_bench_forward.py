@@ -56,7 +56,9 @@ def test_bf16_run_measures_every_system_and_replaces_only_its_section(bench, tmp
     assert forward["ES-SSM", 2]["parameters"] == forward["ES-SSM", 32]["parameters"]
     assert [(row["model"], row["budget"]) for row in result["training"]] == [
         ("ES-SSM", 32), ("ES-SSM", 2), ("Llama (SDPA)", None)]
-    assert 0 < result["mixer"]["fraction_of_gemm"]
+    assert set(result["mixer"]["gemm_gflops"]) == {"fp32", "bf16"}  # the fp32 rate is the yardstick in every run
+    assert all(0 < fraction for fraction in result["mixer"]["fraction_of_gemm"].values())
+    assert "| mixer at k=32, L=4096 >= 50% of the fp32 GEMM rate | - | not measured |" in text
 
 
 def test_a_page_without_the_markers_is_refused_before_measuring_and_left_untouched(bench, tmp_path, monkeypatch):
@@ -67,3 +69,26 @@ def test_a_page_without_the_markers_is_refused_before_measuring_and_left_untouch
         run(bench, monkeypatch)
     assert page.read_text() == "# Performance\nonly hand-written text\n"
     assert not (tmp_path / "bench_forward.json").exists()
+
+
+def test_issue_targets_are_checked_on_the_runs_own_numbers(bench):
+    def row(model, budget, seq_len, tokens_per_s, peak=100.0):
+        return dict(model=model, budget=budget, seq_len=seq_len, tokens_per_s=tokens_per_s, peak_memory_mb=peak)
+
+    extra_mb = 30 * 256 * 256 * 4 * 8 / 2**20  # M_3..M_32 of 8 layers
+    result = dict(mixer=dict(budget=32, seq_len=4096, fraction_of_gemm={"fp32": 0.55, "bf16": 0.3}), forward=[
+        row("ES-SSM", 32, 4096, 1000), row("ES-SSM", 4, 4096, 2700),
+        row("ES-SSM", 32, 16384, 1200, peak=100 + extra_mb), row("ES-SSM", 2, 16384, 5000, peak=100),
+        row("Llama (SDPA)", None, 16384, 400)])
+    targets = bench.issue_targets(result)
+    assert [t["met"] for t in targets] == [True, False, True, True]
+    assert [t["measured"] for t in targets[:3]] == ["3.00x", "2.70x", "55%"]
+    assert targets[3]["measured"] == f"+{extra_mb:.0f} MB from k=2 to k=32; extra weights {extra_mb:.0f} MB"
+
+    result["forward"][2]["peak_memory_mb"] += 1  # one MB beyond the extra weights
+    result["mixer"]["fraction_of_gemm"]["fp32"] = 0.49  # the bf16 rate is never the yardstick
+    assert [t["met"] for t in bench.issue_targets(result)] == [True, False, False, False]
+
+    result["mixer"]["seq_len"] = 1024
+    result["forward"] = [r for r in result["forward"] if r["model"] != "Llama (SDPA)"]
+    assert [t["met"] for t in bench.issue_targets(result)] == [None, False, None, False]
