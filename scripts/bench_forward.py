@@ -209,11 +209,16 @@ def mixer_row(args):
     u = torch.randn(1, seq_len, model.config.hidden_size)
     precisions = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if args.bf16 else {})}
     gemms = {name: [torch.randn(2048, 2048, dtype=dtype) for _ in range(2)] for name, dtype in precisions.items()}
-    with torch.no_grad(), bf16_autocast(args.bf16):
-        spectrum = basis.filter_spectrum(seq_len, budget)
-        runs = {"mixer": lambda: mixer(u, spectrum, budget)}
-        runs.update({name: partial(torch.matmul, a, b) for name, (a, b) in gemms.items()})
-        seconds = interleaved_medians(runs, args.repeats)
+    spectrum = basis.filter_spectrum(seq_len, budget)
+
+    @torch.no_grad()
+    def run_mixer():
+        with bf16_autocast(args.bf16):
+            mixer(u, spectrum, budget)
+
+    # The GEMMs run outside autocast, which would turn the float32 one into bf16.
+    runs = {"mixer": run_mixer, **{name: partial(torch.matmul, a, b) for name, (a, b) in gemms.items()}}
+    seconds = interleaved_medians(runs, args.repeats)
     rate = mixer_flops(model.config, seq_len, budget) / seconds["mixer"] / 1e9
     gemm_rates = {name: 2 * 2048**3 / seconds[name] / 1e9 for name in precisions}
     print(f"mixer    k={budget} T={seq_len}: {rate:.1f} GFLOP/s = " + ", ".join(

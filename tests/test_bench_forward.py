@@ -92,3 +92,19 @@ def test_issue_targets_are_checked_on_the_runs_own_numbers(bench):
     result["mixer"]["seq_len"] = 1024
     result["forward"] = [r for r in result["forward"] if r["model"] != "Llama (SDPA)"]
     assert [t["met"] for t in bench.issue_targets(result)] == [None, False, None, False]
+
+
+def test_a_bf16_run_times_the_fp32_gemm_in_fp32(bench, monkeypatch):
+    import torch
+
+    matmul, calls = torch.matmul, []
+
+    def recording_matmul(a, b):
+        calls.append((a.dtype, torch.is_autocast_enabled("cpu")))
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    args = bench.argparse.Namespace(mixer_length=64, repeats=1, bf16=True)
+    row = bench.mixer_row(args)
+    assert set(calls) == {(torch.float32, False), (torch.bfloat16, False)}
+    assert set(row["gemm_gflops"]) == {"fp32", "bf16"}
