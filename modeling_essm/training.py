@@ -219,8 +219,8 @@ class ESSSMTrainer(Trainer):
 
     Each M_j reaches the output through its channel's sigma_j^(1/4) damping (down to 0.07 and below) and
     its gate weight (about 1/k), so its gradient is hundreds of times smaller than a plain linear layer's;
-    on ListOps the model learns nothing in 450 steps at a scale of 1 and matches Llama at 100
-    (results/listops/NOTES.md). The other parameters, and every baseline, keep the Trainer's optimizer.
+    on ListOps (L=256) the ES-SSM learned nothing in 450 steps at a scale of 1 and 32.6% at 100, against
+    Llama's 34.9% (results/listops/NOTES.md). The other parameters, and every baseline, keep the Trainer's optimizer.
     """
 
     def __init__(self, *args, spectral_proj_lr_scale: float = 1.0, **kwargs):

@@ -54,12 +54,16 @@ def format_metric(result, value):
 
 
 def settings_line(result):
-    task, training = result["settings"]["run_config"]["task"], result["settings"]["run_config"]["training"]
+    config = result["settings"]["run_config"]
+    task, training = config["task"], config["training"]
     window = f"{task['min_length']}-{task['max_length']}" if "min_length" in task else f"up to {task.get('max_length')}"
+    scale = (config.get("optimizer") or {}).get("spectral_proj_lr_scale", 1)
+    scaled = f" (the ES-SSM M_j at {scale:g}x: optimizer.spectral_proj_lr_scale)" if scale != 1 else ""
     return (
         f"Sequence length {window}, {task.get('train_size') or 'all'} training / {result['settings']['eval_samples']} "
         f"evaluation examples, {training.get('max_steps')} steps of batch {training.get('per_device_train_batch_size')}, "
-        f"learning rate {training.get('learning_rate')}, {result['settings']['num_threads']} torch thread(s)."
+        f"learning rate {training.get('learning_rate')}{scaled}, "
+        f"{result['settings']['num_threads']} torch thread(s)."
     )
 
 
@@ -222,7 +226,8 @@ def render(results, docs_dir, results_dir):
         "is read from `results/<task>/<model>.json`; tasks and models without results are marked "
         "\"not yet run\".",
         "",
-        "Models, trained with the same data, steps and optimiser:",
+        "Models, trained with the same data, steps and optimiser (where a task trains the ES-SSM's M_j at a "
+        "multiple of the learning rate, its settings line says so):",
         "",
         *[f"- `{model}`: {DESCRIPTIONS[model]}" for model in MODELS],
         "",

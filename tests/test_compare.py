@@ -132,7 +132,8 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
     assert "| ListOps | accuracy | 40.0% | 39.0% | 41.0% | 12.0% | 37.0% | not yet run |" in page  # at a glance
     assert "| Text | accuracy | " + " | ".join(["not yet run"] * 6) + " |" in page
     assert "| 4 | 4,000 | 39.0% | 12.0% |" in page  # both budget curves at every budget
-    assert "Sequence length 100-500, 20000 training / 500 evaluation examples, 400 steps of batch 32" in page
+    assert ("Sequence length 100-500, 20000 training / 500 evaluation examples, 400 steps of batch 32, "
+            "learning rate 0.003, 2 torch thread(s)." in page)
     assert "ES-SSM at full budget (40.0%) at least matches the Transformer (37.0%): met" in page
     assert "ES-SSM at k=4 is 27.0 points above the ablation at k=4 (target at least 10): met" in page
     for task in ("text", "image", "audio", "lm"):
@@ -141,3 +142,10 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
     assert "![listops budget curves](results_listops.png)" in page
     assert "Observed: the curves are flat." in page
     assert set(MODELS) <= set(build_results.DESCRIPTIONS)
+
+
+def test_settings_line_names_the_es_ssm_learning_rate_scale():
+    result = fake_result("listops", "essm", 0.4)
+    result["settings"]["run_config"]["optimizer"] = {"spectral_proj_lr_scale": 100}
+    assert build_results.settings_line(result).endswith(
+        "learning rate 0.003 (the ES-SSM M_j at 100x: optimizer.spectral_proj_lr_scale), 2 torch thread(s).")
