@@ -32,7 +32,7 @@ from .tasks import load_task
 
 
 SECTIONS = ("task", "model", "budget", "training", "optimizer")
-OPTIMIZER_FIELDS = ("spectral_proj_lr_scale",)
+OPTIMIZER_DEFAULTS = {"spectral_proj_lr_scale": 1.0}  # ESSSMTrainer keyword arguments
 # Filled from the task's data: a config that sets them differently would build a model that cannot read it.
 TASK_MODEL_FIELDS = ("vocab_size", "input_size", "num_labels", "pad_token_id")
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -107,11 +107,12 @@ def check_run_config(config, source="run config"):
     set_by_task = sorted(set(config["model"]) & set(TASK_MODEL_FIELDS))
     if set_by_task:
         raise ValueError(f"{source}: model fields {set_by_task} come from the task's data; remove them")
-    unknown_optimizer = sorted(set(config["optimizer"]) - set(OPTIMIZER_FIELDS))
+    unknown_optimizer = sorted(set(config["optimizer"]) - set(OPTIMIZER_DEFAULTS))
     if unknown_optimizer:
         raise ValueError(f"{source}: unknown optimizer fields {unknown_optimizer}; "
-                         f"valid fields are {', '.join(OPTIMIZER_FIELDS)}")
-    scale = config["optimizer"].get("spectral_proj_lr_scale", 1.0)
+                         f"valid fields are {', '.join(OPTIMIZER_DEFAULTS)}")
+    config["optimizer"] = {**OPTIMIZER_DEFAULTS, **config["optimizer"]}
+    scale = config["optimizer"]["spectral_proj_lr_scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"{source}: optimizer.spectral_proj_lr_scale must be a positive number, got {scale!r}")
     # ESSSMConfig keeps unknown keyword arguments silently, so a typo would be ignored.
@@ -274,7 +275,7 @@ def build_trainer(run_config, build_model=None):
     classification = task.metric == "accuracy"
     trainer = ESSSMTrainer(
         model=model,
-        spectral_proj_lr_scale=run_config["optimizer"].get("spectral_proj_lr_scale", 1.0),
+        **run_config["optimizer"],
         args=args,
         train_dataset=task.train,
         eval_dataset=task.eval,
