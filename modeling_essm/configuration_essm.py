@@ -1,5 +1,7 @@
 """Configuration of Elastic Spectral State Space Models (ES-SSM)."""
 
+import math
+
 from transformers import PreTrainedConfig
 
 # Written into every saved config so that a folder or Hub repo loads with trust_remote_code=True
@@ -10,6 +12,10 @@ ESSM_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_essm.ESSSMForCausalLM",
     "AutoModelForSequenceClassification": "modeling_essm.ESSSMForSequenceClassification",
 }
+
+# The behaviour of checkpoints saved before a field was added; `from_dict` (and so `from_pretrained`) fills them in.
+FIELDS_BEFORE_THEY_EXISTED = {"spectral_proj_multiplier": 1.0, "spectral_proj_init_std": 0.02}
+
 
 class ESSSMConfig(PreTrainedConfig):
     r"""
@@ -28,11 +34,21 @@ class ESSSMConfig(PreTrainedConfig):
         intermediate_size (`int`, *optional*): feed-forward width; `None` means 4 * D, `0` disables the feed-forward.
         gate_hidden_size (`int`, *optional*): hidden width of the gate MLP; `None` means D // 2.
         gate_bias_init (`float`, defaults to -2.0): initial bias of the gate logits.
+        spectral_proj_multiplier (`float`, defaults to 100.0): the mixer uses `c * M_j`, with the stored M_j
+            initialised at `spectral_proj_init_std / c`, so the function at initialisation does not depend on `c`
+            but every optimizer step moves the effective projections `c` times as far under Adam (weight decay is
+            unchanged). Each M_j reaches the output through sigma_j^(1/4) (0.07 and below from channel 6 at L=256)
+            times a gate weight of about 1/k, so without it the spectral path learns hundreds of times slower than
+            a plain linear layer. How the default was chosen: docs/training.md. Configs saved before this field
+            existed load with 1.0, their trained behaviour.
+        spectral_proj_init_std (`float`, defaults to 1e-3): std of the effective projections `c * M_j` at
+            initialisation (the paper's value).
         spectral_chunk_size (`int`, defaults to 8): at most this many channels are convolved and projected
             together at inference (bigger chunks mean bigger GEMMs).
         spectral_chunk_mb (`float`, defaults to 64.0): and at most as many as keep one chunk's float32
             convolution output within this many MB, so that inference memory stops growing with the budget
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
+        embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).
         layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
@@ -55,8 +71,11 @@ class ESSSMConfig(PreTrainedConfig):
         intermediate_size: int | None = None,
         gate_hidden_size: int | None = None,
         gate_bias_init: float = -2.0,
+        spectral_proj_multiplier: float = 100.0,
+        spectral_proj_init_std: float = 1e-3,
         spectral_chunk_size: int = 8,
         spectral_chunk_mb: float = 64.0,
+        embedding_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_norm_eps: float = 1e-5,
@@ -79,8 +98,11 @@ class ESSSMConfig(PreTrainedConfig):
         self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         self.gate_hidden_size = max(1, hidden_size // 2) if gate_hidden_size is None else gate_hidden_size
         self.gate_bias_init = gate_bias_init
+        self.spectral_proj_multiplier = spectral_proj_multiplier
+        self.spectral_proj_init_std = spectral_proj_init_std
         self.spectral_chunk_size = spectral_chunk_size
         self.spectral_chunk_mb = spectral_chunk_mb
+        self.embedding_dropout = embedding_dropout
         self.hidden_dropout = hidden_dropout
         self.drop_path_rate = drop_path_rate
         self.layer_norm_eps = layer_norm_eps
@@ -119,12 +141,22 @@ class ESSSMConfig(PreTrainedConfig):
             raise ValueError(f"input_size must be None or a positive integer, got {self.input_size!r}.")
         if self.classifier_pooling not in ("mean", "last"):
             raise ValueError(f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}.")
-        chunk_mb = self.spectral_chunk_mb
-        if not isinstance(chunk_mb, (int, float)) or isinstance(chunk_mb, bool) or not chunk_mb > 0:
-            raise ValueError(f"spectral_chunk_mb must be a positive number of megabytes, got {chunk_mb!r}.")
-        for name in ("hidden_dropout", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        for name, meaning in (("spectral_chunk_mb", "a positive number of megabytes"),
+                              ("spectral_proj_multiplier", "a positive number"),
+                              ("spectral_proj_init_std", "a positive number")):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be {meaning}, got {value!r}.")
+        for name in ("embedding_dropout", "hidden_dropout", "drop_path_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # A saved config without these fields predates them: its weights were trained with these values.
+        config_dict = {**FIELDS_BEFORE_THEY_EXISTED, **config_dict}
+        return super().from_dict(config_dict, **kwargs)
 
 
 __all__ = ["ESSSMConfig"]

@@ -106,7 +106,8 @@ class ESSSMSpectralMixer(nn.Module):
 
     gate_in, gate_out: the gate MLP D -> gate_hidden_size -> K, whose logits are cut to the first k,
         rescaled to unit RMS and softmaxed over those k only (the same rule at every budget);
-    spectral_proj: the K learned D x D matrices M_j, stacked (K, D, D);
+    spectral_proj: the K learned D x D matrices, stacked (K, D, D); the mixer uses them times
+        `spectral_proj_multiplier` (see ESSSMConfig: it makes the spectral path learn at a plain layer's pace);
     skip_proj: the learned D x D skip matrix D.
     Only the active channels are convolved and projected; under autocast the FFTs and the gate
     softmax stay in float32.
@@ -119,6 +120,7 @@ class ESSSMSpectralMixer(nn.Module):
         self.gate_out = nn.Linear(config.gate_hidden_size, num_filters)
         self.spectral_proj = nn.Parameter(torch.empty(num_filters, hidden, hidden))
         self.skip_proj = nn.Linear(hidden, hidden, bias=False)
+        self.spectral_proj_multiplier = config.spectral_proj_multiplier
         self.chunk_size = config.spectral_chunk_size
         self.chunk_bytes = config.spectral_chunk_mb * 2**20
 
@@ -129,6 +131,10 @@ class ESSSMSpectralMixer(nn.Module):
         logits = self.gate_out(F.gelu(self.gate_in(u)))[..., :spectral_budget].float()
         rms_rescale = math.sqrt(spectral_budget) / logits.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return torch.softmax(logits * rms_rescale, dim=-1)
+
+    def projections(self, first: int, last: int) -> torch.Tensor:
+        """The effective M_first..M_(last-1): (last - first, D, D)."""
+        return self.spectral_proj_multiplier * self.spectral_proj[first:last]
 
     def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         seq_len = u.shape[1]
@@ -147,7 +153,7 @@ class ESSSMSpectralMixer(nn.Module):
         while start < spectral_budget:
             end = min(start + chunk, spectral_budget)
             spectral = spectral + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
-                                                        self.spectral_proj[start:end], seq_len)
+                                                        self.projections(start, end), seq_len)
             start = end
         return (self.skip_proj(u) + spectral.transpose(1, 2)).to(u.dtype)  # (B, T, D)
 
@@ -178,7 +184,7 @@ class ESSSMSpectralMixer(nn.Module):
         """Gate and project the active channels' convolutions: u (B, n, D), conv (B, n, k, D) -> (B, n, D)."""
         batch, seq_len, hidden = u.shape
         features = (conv * self.gate(u, spectral_budget)[..., None]).reshape(batch, seq_len, -1)  # (B, n, k*D)
-        y = self.skip_proj(u) + features @ self.spectral_proj[:spectral_budget].reshape(-1, hidden).to(features.dtype)
+        y = self.skip_proj(u) + features @ self.projections(0, spectral_budget).reshape(-1, hidden).to(features.dtype)
         return y.to(u.dtype)
 
 
@@ -250,8 +256,10 @@ class ESSSMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        std = self.config.initializer_range
+        config = self.config
         if isinstance(module, ESSSMSpectralMixer):
+            # The forward multiplies by spectral_proj_multiplier: the effective M_j start at spectral_proj_init_std.
+            std = config.spectral_proj_init_std / config.spectral_proj_multiplier
             init.normal_(module.spectral_proj, mean=0.0, std=std)
             init.constant_(module.gate_out.bias, self.config.gate_bias_init)
         elif isinstance(module, ESSSMSpectralBasis) and not getattr(module.filters, "_is_hf_initialized", False):
@@ -292,6 +300,7 @@ class ESSSMModel(ESSSMPreTrainedModel):
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         else:
             self.input_proj = nn.Linear(config.input_size, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.spectral_basis = ESSSMSpectralBasis(config)
         self.layers = nn.ModuleList(ESSSMBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -344,7 +353,7 @@ class ESSSMModel(ESSSMPreTrainedModel):
             Start a new cache and return it. Off by default: a cache keeps every block's input alive.
         """
         budget = resolve_spectral_budget(spectral_budget, self.config)
-        hidden_states = self.embed(input_ids, inputs_embeds, input_values)  # (B, T, D)
+        hidden_states = self.embedding_dropout(self.embed(input_ids, inputs_embeds, input_values))  # (B, T, D)
         seq_len = hidden_states.shape[1]
         if cache is not None and not isinstance(cache, ESSSMCache):
             raise ValueError(f"ES-SSM continues only an ESSSMCache (it keeps every block's whole input history), got "

@@ -1,6 +1,6 @@
 """Train an ES-SSM with budget dropout from a YAML run config.
 
-A run config has five sections:
+A run config has four sections:
 
     task:      arguments of `modeling_essm.tasks.load_task` (`name` required)
     model:     `ESSSMConfig` fields; the task fills vocab_size, input_size, num_labels, pad_token_id
@@ -8,8 +8,6 @@ A run config has five sections:
     budget:    `BudgetSampler` settings (schedule, grid, warmup_steps, full_every, fixed_budget, seed);
                K and the minimum come from the model
     training:  `transformers.TrainingArguments` (`output_dir` required)
-    optimizer: optional; `spectral_proj_lr_scale` (default 1): the ES-SSM's spectral projections M_j
-               train at this multiple of training.learning_rate (see `ESSSMTrainer`)
 
 Everything is built and checked before the first step, so a bad config fails in seconds.
 """
@@ -31,8 +29,7 @@ from .modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification
 from .tasks import load_task
 
 
-SECTIONS = ("task", "model", "budget", "training", "optimizer")
-OPTIMIZER_DEFAULTS = {"spectral_proj_lr_scale": 1.0}  # ESSSMTrainer keyword arguments
+SECTIONS = ("task", "model", "budget", "training")
 # Filled from the task's data: a config that sets them differently would build a model that cannot read it.
 TASK_MODEL_FIELDS = ("vocab_size", "input_size", "num_labels", "pad_token_id")
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -90,6 +87,12 @@ def apply_override(config, override):
 
 
 def check_run_config(config, source="run config"):
+    if "optimizer" in config:
+        raise ValueError(
+            f"{source}: the optimizer section (spectral_proj_lr_scale) was replaced by the model field "
+            "spectral_proj_multiplier, which every training loop sees (default 100; docs/training.md): remove the "
+            "section, and set model.spectral_proj_multiplier only to override the default"
+        )
     unknown = set(config) - set(SECTIONS)
     if unknown:
         raise ValueError(f"{source}: unknown sections {sorted(unknown)}; valid sections are {', '.join(SECTIONS)}")
@@ -107,14 +110,6 @@ def check_run_config(config, source="run config"):
     set_by_task = sorted(set(config["model"]) & set(TASK_MODEL_FIELDS))
     if set_by_task:
         raise ValueError(f"{source}: model fields {set_by_task} come from the task's data; remove them")
-    unknown_optimizer = sorted(set(config["optimizer"]) - set(OPTIMIZER_DEFAULTS))
-    if unknown_optimizer:
-        raise ValueError(f"{source}: unknown optimizer fields {unknown_optimizer}; "
-                         f"valid fields are {', '.join(OPTIMIZER_DEFAULTS)}")
-    config["optimizer"] = {**OPTIMIZER_DEFAULTS, **config["optimizer"]}
-    scale = config["optimizer"]["spectral_proj_lr_scale"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-        raise ValueError(f"{source}: optimizer.spectral_proj_lr_scale must be a positive number, got {scale!r}")
     # ESSSMConfig keeps unknown keyword arguments silently, so a typo would be ignored.
     defaults = ESSSMConfig()
     unknown_fields = sorted(name for name in config["model"] if not hasattr(defaults, name))
@@ -215,37 +210,6 @@ def add_bits_per_byte(metrics, prefix="eval"):
 # ---- trainer ----
 
 
-class ESSSMTrainer(Trainer):
-    """The transformers Trainer, with the spectral projections M_j at `spectral_proj_lr_scale` times the learning rate.
-
-    Each M_j reaches the output through its channel's sigma_j^(1/4) damping (down to 0.07 and below) and
-    its gate weight (about 1/k), so its gradient is hundreds of times smaller than a plain linear layer's;
-    on ListOps (L=256) the ES-SSM learned nothing in 450 steps at a scale of 1 and 32.6% at 100, against
-    Llama's 34.9% (results/listops/NOTES.md). The other parameters, and every baseline, keep the Trainer's optimizer.
-    """
-
-    def __init__(self, *args, spectral_proj_lr_scale: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.spectral_proj_lr_scale = spectral_proj_lr_scale
-
-    def create_optimizer(self, model=None):
-        building = self.optimizer is None  # not one passed in, nor one already split
-        optimizer = super().create_optimizer(model)
-        if not building or self.spectral_proj_lr_scale == 1.0:
-            return optimizer
-        model = self.model if model is None else model
-        scaled = {id(p) for name, p in model.named_parameters() if name.endswith("spectral_proj")}
-        groups = optimizer.param_groups[:]
-        optimizer.param_groups.clear()  # no step has run: the groups can still be split
-        for group in groups:
-            for is_scaled in (False, True):
-                params = [p for p in group["params"] if (id(p) in scaled) == is_scaled]
-                if params:
-                    lr = group["lr"] * (self.spectral_proj_lr_scale if is_scaled else 1.0)
-                    optimizer.add_param_group({**group, "params": params, "lr": lr})
-        return optimizer
-
-
 def build_sampler(budget_section, model_config):
     return BudgetSampler.from_config(model_config, **budget_section)
 
@@ -273,9 +237,8 @@ def build_trainer(run_config, build_model=None):
     else:
         model, callbacks = build_model(model_config, task), []
     classification = task.metric == "accuracy"
-    trainer = ESSSMTrainer(
+    trainer = Trainer(
         model=model,
-        **run_config["optimizer"],
         args=args,
         train_dataset=task.train,
         eval_dataset=task.eval,

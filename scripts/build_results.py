@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from modeling_essm.compare import MODELS
+from modeling_essm.compare import ESSM_MODELS, MODELS
 from modeling_essm.tasks import TASK_NAMES
 
 
@@ -57,8 +57,9 @@ def settings_line(result):
     config = result["settings"]["run_config"]
     task, training = config["task"], config["training"]
     window = f"{task['min_length']}-{task['max_length']}" if "min_length" in task else f"up to {task.get('max_length')}"
-    scale = (config.get("optimizer") or {}).get("spectral_proj_lr_scale", 1)
-    scaled = f" (the ES-SSM M_j at {scale:g}x: optimizer.spectral_proj_lr_scale)" if scale != 1 else ""
+    # Results from before the field existed ran with the M_j unscaled.
+    multiplier = result["model_config"].get("spectral_proj_multiplier", 1) if result["model"] in ESSM_MODELS else 1
+    scaled = f" (the ES-SSM's spectral_proj_multiplier: {multiplier:g})" if multiplier != 1 else ""
     return (
         f"Sequence length {window}, {task.get('train_size') or 'all'} training / {result['settings']['eval_samples']} "
         f"evaluation examples, {training.get('max_steps')} steps of batch {training.get('per_device_train_batch_size')}, "

@@ -144,8 +144,8 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
     assert set(MODELS) <= set(build_results.DESCRIPTIONS)
 
 
-def test_settings_line_names_the_es_ssm_learning_rate_scale():
+def test_settings_line_names_the_es_ssm_projection_multiplier():
     result = fake_result("listops", "essm", 0.4)
-    result["settings"]["run_config"]["optimizer"] = {"spectral_proj_lr_scale": 100}
+    result["model_config"] = {"spectral_proj_multiplier": 100.0}
     assert build_results.settings_line(result).endswith(
-        "learning rate 0.003 (the ES-SSM M_j at 100x: optimizer.spectral_proj_lr_scale), 2 torch thread(s).")
+        "learning rate 0.003 (the ES-SSM's spectral_proj_multiplier: 100), 2 torch thread(s).")

@@ -39,7 +39,7 @@ def reference_mixer(mixer, u, filters, eigenvalues, k):
         for t in range(seq_len):
             toeplitz[t, : t + 1] = phi[: t + 1].flip(0)
         conv = torch.einsum("ts,bsd->btd", toeplitz, u)
-        y = y + a[..., j : j + 1] * (conv @ mixer.spectral_proj[j].double())
+        y = y + a[..., j : j + 1] * (conv @ (mixer.spectral_proj_multiplier * mixer.spectral_proj[j].double()))
     return y
 
 
@@ -280,6 +280,79 @@ def test_dropout_and_drop_path_only_act_in_training():
     assert not torch.equal(model(x).logits, model(x).logits)
 
 
+def test_embedding_dropout_acts_on_the_embeddings_in_training_only():
+    torch.manual_seed(0)
+    model = ESSSMModel(tiny_config(embedding_dropout=0.5))
+    torch.manual_seed(0)
+    plain = ESSSMModel(tiny_config())
+    x = tokens()
+    model.eval(), plain.eval()
+    assert torch.equal(model(x).last_hidden_state, plain(x).last_hidden_state)
+    model.train()
+    embeddings = model(x, output_hidden_states=True).hidden_states[0]  # the first block's input
+    assert 0.4 < (embeddings == 0).float().mean() < 0.6  # about half the entries dropped, the rest scaled by 2
+    kept = embeddings != 0
+    torch.testing.assert_close(embeddings[kept], 2 * model.embed_tokens(x)[kept])
+
+
+# --- the spectral projection multiplier ------------------------------------------------------------------
+
+
+def test_projection_multiplier_defaults_and_paper_init():
+    config = ESSSMConfig()
+    assert (config.spectral_proj_multiplier, config.spectral_proj_init_std, config.embedding_dropout) == (100.0, 1e-3, 0.0)
+    torch.manual_seed(0)
+    model = ESSSMModel(ESSSMConfig(hidden_size=128, num_hidden_layers=1, max_position_embeddings=64))
+    mixer = model.layers[0].mixer
+    assert mixer.spectral_proj.std().item() == pytest.approx(1e-3 / 100, rel=0.02)  # stored
+    assert mixer.projections(0, 32).std().item() == pytest.approx(1e-3, rel=0.02)  # what the forward uses
+
+
+def test_the_function_at_initialisation_does_not_depend_on_the_multiplier():
+    x = tokens()
+    logits = []
+    for multiplier in (1.0, 100.0):
+        torch.manual_seed(0)
+        model = ESSSMForCausalLM(tiny_config(spectral_proj_multiplier=multiplier)).eval()
+        logits.append(model(x).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 100.0])
+def test_an_adam_step_moves_the_effective_projections_by_the_multiplier_times_lr(multiplier):
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(spectral_proj_multiplier=multiplier))
+    mixer = model.model.layers[0].mixer
+    before = mixer.projections(0, K).detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    model(tokens(), labels=tokens()).loss.backward()
+    optimizer.step()
+    moved = (mixer.projections(0, K).detach() - before).abs()
+    # Adam's first step moves every entry with a gradient by lr (sign of the gradient): the forward sees c * lr.
+    assert moved.max().item() == pytest.approx(multiplier * 1e-4, rel=1e-3)
+
+
+def test_a_config_saved_before_the_multiplier_existed_loads_with_its_trained_behaviour(tmp_path):
+    torch.manual_seed(0)
+    old = ESSSMForCausalLM(tiny_config(spectral_proj_multiplier=1.0, spectral_proj_init_std=0.02)).eval()
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for field in ("spectral_proj_multiplier", "spectral_proj_init_std", "embedding_dropout"):
+        del saved[field]  # as written before these fields existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.spectral_proj_multiplier == 1.0
+    x = tokens()
+    assert torch.equal(reloaded(x).logits, old(x).logits)
+
+
+def test_new_fields_are_saved_and_reloaded(tmp_path):
+    config = tiny_config(spectral_proj_multiplier=30.0, spectral_proj_init_std=5e-3, embedding_dropout=0.1)
+    config.save_pretrained(tmp_path)
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert (reloaded.spectral_proj_multiplier, reloaded.spectral_proj_init_std, reloaded.embedding_dropout) == (30.0, 5e-3, 0.1)
+
+
 # --- bad input ------------------------------------------------------------------------------------------
 
 
@@ -309,7 +382,10 @@ def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
      (dict(hidden_size=0), "hidden_size must be a positive integer"),
      (dict(classifier_pooling="max"), "classifier_pooling"),
      (dict(hidden_dropout=1.5), "hidden_dropout"),
-     (dict(spectral_chunk_mb=0), "spectral_chunk_mb must be a positive number of megabytes, got 0")],
+     (dict(spectral_chunk_mb=0), "spectral_chunk_mb must be a positive number of megabytes, got 0"),
+     (dict(spectral_proj_multiplier=-1.0), "spectral_proj_multiplier must be a positive number, got -1.0"),
+     (dict(spectral_proj_init_std=True), "spectral_proj_init_std must be a positive number, got True"),
+     (dict(embedding_dropout="0.1"), r"embedding_dropout must be a number in \[0, 1\), got '0.1'")],
 )
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -79,10 +79,9 @@ def test_missing_config_file(tmp_path):
         ({"budget": {"grid": [2, 4, 16]}}, r"budget grid value 16 is outside \[min_budget, num_filters\] = \[2, 8\]"),
         ({"training": {"max_stepz": 3}}, "invalid training section"),
         ({"task": {"max_length": 48}, "model": {"max_position_embeddings": 32}}, "shorter than the task's max_length=48"),
-        ({"optimizer": {"spectral_lr_scale": 10}}, r"unknown optimizer fields \['spectral_lr_scale'\]"),
-        ({"optimizer": {"spectral_proj_lr_scale": 0}}, "spectral_proj_lr_scale must be a positive number, got 0"),
-        ({"optimizer": {"spectral_proj_lr_scale": True}}, "spectral_proj_lr_scale must be a positive number, got True"),
-        ({"optimizer": {"spectral_proj_lr_scale": "100"}}, "spectral_proj_lr_scale must be a positive number, got '100'"),
+        ({"optimizer": {"spectral_proj_lr_scale": 100}}, "replaced by the model field spectral_proj_multiplier"),
+        ({"model": {"spectral_proj_multiplier": 0}}, "spectral_proj_multiplier must be a positive number, got 0"),
+        ({"model": {"embedding_dropout": 1.5}}, r"embedding_dropout must be a number in \[0, 1\), got 1.5"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, monkeypatch, sections, message):
@@ -134,29 +133,3 @@ def test_padding_collator_batches_tokens_of_a_task_without_pad_id():
 
 def test_bits_per_byte_is_the_loss_in_base_two():
     assert add_bits_per_byte({"eval_loss": math.log(2) * 1.5})["eval_bits_per_byte"] == pytest.approx(1.5)
-
-
-@pytest.mark.parametrize("scale", [1.0, 100.0])
-def test_spectral_projections_train_at_their_learning_rate_scale(tmp_path, scale):
-    config = load_run_config(write_config(tmp_path, optimizer={"spectral_proj_lr_scale": scale},
-                                          training={"learning_rate": 1e-3, "weight_decay": 0.1}))
-    trainer, _ = build_trainer(config)
-    trainer.create_optimizer_and_scheduler(num_training_steps=10)
-    trainer.create_optimizer()  # returns the same optimizer: its groups are split and scaled once
-    names = {id(p): name for name, p in trainer.model.named_parameters()}
-    decayed = set(trainer.get_decay_parameter_names(trainer.model))
-    seen = []
-    for group in trainer.optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            seen.append(name)
-            assert group["lr"] == pytest.approx(1e-3 * (scale if name.endswith("spectral_proj") else 1.0)), name
-            assert group["weight_decay"] == (0.1 if name in decayed else 0.0), name
-    assert sorted(seen) == sorted(name for name, p in trainer.model.named_parameters() if p.requires_grad)
-    assert len(trainer.optimizer.param_groups) == (3 if scale != 1.0 else 2)  # M_j split off the decayed group
-
-    # The schedule scales every group alike: the ratio holds through warm-up and decay.
-    trainer.lr_scheduler.step()
-    lr_of = {names[id(p)]: group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert 0 < lr_of["model.layers.0.mixer.skip_proj.weight"] < 1e-3
-    assert lr_of["model.layers.0.mixer.spectral_proj"] == pytest.approx(scale * lr_of["model.layers.0.mixer.skip_proj.weight"])
