@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 DEFAULT_BUDGET_GRID = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 SCHEDULES = ("paper", "uniform", "fixed")
-# u' = 1 - (1 - u) ** (1 / PAPER_BIAS) pushes the log-uniform draw towards large budgets.
+# u' = 1 - (1 - u) ** (1 / bias): the paper's 0.6 pushes the log-uniform draw towards large budgets.
 PAPER_BIAS = 0.6
 
 
@@ -37,7 +37,8 @@ class BudgetSampler:
     Schedules:
       - ``"paper"``: the reference schedule. Steps ``< warmup_steps`` and every ``full_every``-th step
         (steps ``full_every - 1``, ``2 * full_every - 1``, ... counted from 0) use the full budget K.
-        Otherwise draw ``u ~ U(0, 1)``, bias it towards large budgets with ``u' = 1 - (1 - u) ** (1 / 0.6)``,
+        Otherwise draw ``u ~ U(0, 1)``, bias it with ``u' = 1 - (1 - u) ** (1 / bias)`` (the paper's ``bias=0.6``
+        favours large budgets, 1 is log-uniform, above 1 favours small budgets),
         map it log-uniformly onto ``[min_budget, K]`` and snap to the nearest grid value (ties to the smaller).
       - ``"uniform"``: like ``"paper"`` but the free steps draw uniformly from the grid.
       - ``"fixed"``: always ``fixed_budget`` (the non-elastic ablation).
@@ -56,6 +57,7 @@ class BudgetSampler:
         full_every=8,
         fixed_budget=None,
         seed=0,
+        bias=PAPER_BIAS,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown budget schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
@@ -66,6 +68,8 @@ class BudgetSampler:
         _check_int("warmup_steps", warmup_steps, 0)
         _check_int("full_every", full_every, 0)
         _check_int("seed", seed, 0)
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not 0 < bias < math.inf:
+            raise ValueError(f"bias must be a positive number (0.6: the paper's lean to large budgets), got {bias!r}")
         self.schedule = schedule
         self.num_filters = num_filters
         self.min_budget = min_budget
@@ -74,6 +78,7 @@ class BudgetSampler:
         self.full_every = full_every
         self.fixed_budget = self._validated_fixed_budget(fixed_budget)
         self.seed = seed
+        self.bias = float(bias)
 
     @classmethod
     def from_config(cls, config, **kwargs):
@@ -118,8 +123,8 @@ class BudgetSampler:
         return self.snap_to_grid(self.paper_continuous_budget(rng.random()))
 
     def paper_continuous_budget(self, u):
-        """Map ``u`` in [0, 1) to a budget in ``[min_budget, K]``, biased towards large budgets."""
-        biased = 1.0 - (1.0 - u) ** (1.0 / PAPER_BIAS)
+        """Map ``u`` in [0, 1) to a budget in ``[min_budget, K]``, leaning as ``bias`` says."""
+        biased = 1.0 - (1.0 - u) ** (1.0 / self.bias)
         return math.exp(math.log(self.min_budget) + biased * (math.log(self.num_filters) - math.log(self.min_budget)))
 
     def snap_to_grid(self, budget):
@@ -132,7 +137,7 @@ class BudgetSampler:
             return f"{type(self).__name__}({settings}, fixed_budget={self.fixed_budget})"
         return (
             f"{type(self).__name__}({settings}, grid={list(self.grid)}, warmup_steps={self.warmup_steps}, "
-            f"full_every={self.full_every}, seed={self.seed})"
+            f"full_every={self.full_every}, seed={self.seed}, bias={self.bias:g})"
         )
 
 

@@ -3,7 +3,7 @@
 The models of a comparison, all trained from the same YAML run config (see `training.py`):
 
     essm        ES-SSM with budget dropout (the config's budget section, the paper schedule)
-    essm-fixed  the same ES-SSM trained only at the full budget K (the non-elastic ablation)
+    essm-fixed  the same ES-SSM trained only at the full budget K (the non-elastic ablation, no sandwich rule)
     llama       LlamaForSequenceClassification / LlamaForCausalLM (SDPA) with the ES-SSM's parameter count
     mamba       Mamba (classifier with masked mean pooling / MambaForCausalLM) with the ES-SSM's parameter count
 
@@ -59,6 +59,7 @@ def model_run_config(run_config, model):
     if model == "essm-fixed":
         num_filters = ESSSMConfig(**config["model"]).num_spectral_filters
         config["budget"] = {"schedule": "fixed", "fixed_budget": num_filters}
+        config["recipe"] = {**config["recipe"], "sandwich": False}  # one budget only
     return config
 
 

@@ -1,6 +1,6 @@
 """Train an ES-SSM with budget dropout from a YAML run config.
 
-A run config has four sections:
+A run config has four sections and an optional fifth:
 
     task:      arguments of `modeling_essm.tasks.load_task` (`name` required)
     model:     `ESSSMConfig` fields; the task fills vocab_size, input_size, num_labels, pad_token_id
@@ -8,6 +8,9 @@ A run config has four sections:
     budget:    `BudgetSampler` settings (schedule, grid, warmup_steps, full_every, fixed_budget, seed);
                K and the minimum come from the model
     training:  `transformers.TrainingArguments` (`output_dir` required)
+    recipe:    optional `ESSSMTrainer` / `EMACallback` options: `decay_embeddings` (default true),
+               `ema_decay` (default null: no average), `sandwich` (default false) and `distillation`
+               (default true; with `sandwich` only)
 
 Everything is built and checked before the first step, so a bad config fails in seconds.
 """
@@ -21,15 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from .budget import BudgetSampler, BudgetSamplingCallback
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification
 from .tasks import load_task
+from .trainer import EMACallback, ESSSMTrainer, SandwichRule
 
 
-SECTIONS = ("task", "model", "budget", "training")
+SECTIONS = ("task", "model", "budget", "training", "recipe")
+RECIPE_DEFAULTS = {"decay_embeddings": True, "ema_decay": None, "sandwich": False, "distillation": True}
 # Filled from the task's data: a config that sets them differently would build a model that cannot read it.
 TASK_MODEL_FIELDS = ("vocab_size", "input_size", "num_labels", "pad_token_id")
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -110,12 +115,28 @@ def check_run_config(config, source="run config"):
     set_by_task = sorted(set(config["model"]) & set(TASK_MODEL_FIELDS))
     if set_by_task:
         raise ValueError(f"{source}: model fields {set_by_task} come from the task's data; remove them")
+    config["recipe"] = check_recipe(config["recipe"], source)
     # ESSSMConfig keeps unknown keyword arguments silently, so a typo would be ignored.
     defaults = ESSSMConfig()
     unknown_fields = sorted(name for name in config["model"] if not hasattr(defaults, name))
     if unknown_fields:
         raise ValueError(f"{source}: unknown model fields {unknown_fields}; see ESSSMConfig for the valid ones")
     return config
+
+
+def check_recipe(recipe, source):
+    """The recipe section with its defaults filled in; every value checked."""
+    unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{source}: unknown recipe fields {unknown}; valid fields are {', '.join(RECIPE_DEFAULTS)}")
+    recipe = {**RECIPE_DEFAULTS, **recipe}
+    for name in ("decay_embeddings", "sandwich", "distillation"):
+        if not isinstance(recipe[name], bool):
+            raise ValueError(f"{source}: recipe.{name} must be true or false, got {recipe[name]!r}")
+    decay = recipe["ema_decay"]
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
+        raise ValueError(f"{source}: recipe.ema_decay must be null or a number in (0, 1), got {decay!r}")
+    return recipe
 
 
 def save_run_config(config, output_dir):
@@ -228,17 +249,28 @@ def build_trainer(run_config, build_model=None):
     describes (a baseline of the same size), with the same data and optimiser but no budget dropout.
     """
     args = build_training_arguments(run_config["training"])
+    recipe = run_config["recipe"]
     task_section = dict(run_config["task"])
     task = load_task(task_section.pop("name"), **task_section)
     model_config = build_model_config(run_config["model"], task)
+    sandwich = None
+    set_seed(args.seed)  # the Trainer seeds only after the model exists: seed its initialisation too
     if build_model is None:
         sampler = build_sampler(run_config["budget"], model_config)
-        model, callbacks = model_class_for(task)(model_config), [BudgetSamplingCallback(sampler)]
+        model = model_class_for(task)(model_config)
+        if recipe["sandwich"]:
+            sandwich, callbacks = SandwichRule(sampler, distillation=recipe["distillation"]), []
+        else:
+            callbacks = [BudgetSamplingCallback(sampler)]
     else:
         model, callbacks = build_model(model_config, task), []
+    if recipe["ema_decay"] is not None:
+        callbacks.append(EMACallback(recipe["ema_decay"]))
     classification = task.metric == "accuracy"
-    trainer = Trainer(
+    trainer = ESSSMTrainer(
         model=model,
+        decay_embeddings=recipe["decay_embeddings"],
+        sandwich=sandwich,
         args=args,
         train_dataset=task.train,
         eval_dataset=task.eval,

@@ -65,6 +65,20 @@ def test_paper_free_draws_without_forced_full_steps():
     assert_close_frequencies(frequencies(sampler, range(NUM_DRAWS)), expected)
 
 
+@pytest.mark.parametrize("bias", [1.0, 2.0])
+def test_paper_schedule_bias_moves_draws_towards_small_budgets(bias):
+    sampler = BudgetSampler("paper", num_filters=32, full_every=0, seed=5, bias=bias)
+    expected = paper_snap_probabilities(sampler.grid, 2, 32, bias=bias)
+    assert_close_frequencies(frequencies(sampler, range(NUM_DRAWS)), expected)
+    assert expected[2] > paper_snap_probabilities(sampler.grid, 2, 32)[2]  # more small budgets than the paper's
+
+
+@pytest.mark.parametrize("bias", [0, -1.0, True, "1"])
+def test_bad_bias_is_refused(bias):
+    with pytest.raises(ValueError, match="bias must be a positive number"):
+        BudgetSampler("paper", bias=bias)
+
+
 def test_uniform_schedule_frequencies():
     sampler = BudgetSampler("uniform", num_filters=32, full_every=0, seed=3)
     expected = {k: 1 / len(sampler.grid) for k in sampler.grid}

@@ -39,9 +39,11 @@ def write_tiny_config(tmp_path):
 
 def test_fixed_variant_trains_only_at_full_budget_in_its_own_directory(tmp_path):
     run_config = {"task": {"name": "listops"}, "model": {"num_spectral_filters": 16}, "budget": {"schedule": "paper"},
-                  "training": {"output_dir": "outputs/bench/listops"}}
+                  "training": {"output_dir": "outputs/bench/listops"}, "recipe": {"sandwich": True, "ema_decay": 0.99}}
     fixed = model_run_config(run_config, "essm-fixed")
     assert fixed["budget"] == {"schedule": "fixed", "fixed_budget": 16}
+    assert fixed["recipe"] == {"sandwich": False, "ema_decay": 0.99}  # one budget: no sandwich, the rest shared
+    assert model_run_config(run_config, "essm")["recipe"]["sandwich"] is True
     assert fixed["training"]["output_dir"] == str(Path("outputs/bench/listops/essm-fixed"))
     assert model_run_config(run_config, "essm")["budget"] == {"schedule": "paper"}
     assert run_config["training"]["output_dir"] == "outputs/bench/listops"  # the shared config is left alone
