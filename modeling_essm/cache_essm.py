@@ -20,6 +20,7 @@ that needs no FFT; it is kept as the reference FutureFill is tested against.
 """
 
 import math
+import numbers
 
 import torch
 from transformers.cache_utils import Cache, LinearAttentionLayer
@@ -85,6 +86,10 @@ class TimeBuffer:
         self.data[:, self.length : end] = x
         self.length = end
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` steps; the capacity stays, later appends overwrite the rest."""
+        self.length = length
+
     def index_select(self, index: torch.Tensor) -> None:
         if self.data is not None:
             self.data = self.data.index_select(0, index.to(self.data.device))
@@ -93,11 +98,13 @@ class TimeBuffer:
 class ESSSMCacheLayer(LinearAttentionLayer):
     """One block's cache: its mixer input history and the current FutureFill epoch.
 
-    A LinearAttentionLayer so that generate treats the cache as linear (it never slices the inputs or builds
-    4D masks for it); the conv and recurrent state slots of that class stay unused.
+    A LinearAttentionLayer so that generate treats the cache as linear (it never builds 4D masks for it); the
+    conv and recurrent state slots of that class stay unused. Unlike a recurrent state, the history can be cut
+    back to any earlier length exactly, which is what assisted decoding needs after rejecting draft tokens.
     """
 
     is_compileable = False  # the history grows every step
+    is_croppable = True
 
     def __init__(self, config: ESSSMConfig, future_fill: bool = True):
         super().__init__()
@@ -113,30 +120,57 @@ class ESSSMCacheLayer(LinearAttentionLayer):
         self.inputs.append(u)
 
     def convolve(self, u: torch.Tensor, spectral_basis, spectral_budget: int) -> torch.Tensor:
-        """Append u (B, n, D) to the history; return its positions' convolutions (B, n, k, D), float32."""
-        start = self.inputs.length
+        """Append u (B, n, D) to the history; return its positions' convolutions (B, n, k, D), float32.
+
+        One token, or a few (the drafts assisted decoding verifies), go through the FutureFill epochs; a longer
+        chunk (a continued prompt) costs less as one FFT over the whole history. The naive cache's single epoch
+        spans the whole history, so it takes only single tokens directly.
+        """
+        start, count = self.inputs.length, u.shape[1]
         self.append(u)
-        if u.shape[1] > 1:  # a chunk of new positions: one FFT over the whole history
+        if count > 1 and (not self.future_fill or count > epoch_length(start)):
             return spectral_basis.causal_convolution(self.inputs.values, start, spectral_budget, self.chunk_size)
-        if start >= self.epoch_stop:
-            self.begin_epoch(start, spectral_basis, spectral_budget)
-        window = self.inputs.values[:, self.epoch_start :].float()  # (B, w, D), w = start - epoch_start + 1
-        conv = torch.einsum("sk,bsd->bkd", self.window_filters[-window.shape[1] :], window)  # (B, k, D)
+        outputs = []
+        end = start + count
+        while start < end:
+            if start >= self.epoch_stop:
+                self.begin_epoch(start, spectral_basis, spectral_budget)
+            stop = min(end, self.epoch_stop)
+            outputs.append(self.epoch_outputs(start, stop))
+            start = stop
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
+
+    def epoch_outputs(self, first: int, stop: int) -> torch.Tensor:
+        """Convolutions at positions first..stop-1 of the current epoch: (B, n, k, D), float32.
+
+        The epoch's future (all inputs before it) plus the direct sum over its own inputs up to each position.
+        """
+        window = self.inputs.values[:, self.epoch_start : stop].float()  # (B, w, D)
+        positions = torch.arange(self.epoch_start, stop, device=window.device)
+        lags = positions[first - self.epoch_start :].unsqueeze(1) - positions  # (n, w): t - s
+        taps = self.epoch_filters[lags.clamp_min(-1)]  # (n, w, k); lag -1 is the zero row: inputs after t
+        conv = torch.einsum("nsk,bsd->bnkd", taps, window)
         if self.future is not None:
-            conv = conv + self.future[:, start - self.epoch_start]
-        return conv.unsqueeze(1)
+            conv = conv + self.future[:, first - self.epoch_start : stop - self.epoch_start]
+        return conv
 
     def begin_epoch(self, position: int, spectral_basis, spectral_budget: int) -> None:
         """Start the epoch that serves `position`: the naive cache's only one, or the aligned one of length E."""
         size = epoch_length(position) if self.future_fill else self.max_length
-        if self.window_filters is None or len(self.window_filters) != size:  # E grows with the context, rarely
+        if self.epoch_filters is None or len(self.epoch_filters) != size + 1:  # E grows with the context, rarely
             filters = spectral_basis.scaled_filters(self.max_length, spectral_budget)  # (L, k)
-            self.window_filters = filters[:size].flip(0)
+            self.epoch_filters = torch.nn.functional.pad(filters[:size], (0, 0, 0, 1))
             self.segment_spectra = filter_segment_spectra(filters, size) if self.future_fill else None
         self.epoch_start = position // size * size
         self.epoch_stop = min(self.epoch_start + size, self.max_length)
         history = self.inputs.values[:, : self.epoch_start]
         self.future = future_contributions(history, self.segment_spectra) if self.epoch_start else None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last -tokens_to_remove inputs (a count <= 0, as transformers passes it); ESSSMCache checks it."""
+        self.inputs.crop(self.inputs.length + tokens_to_remove)
+        if self.inputs.length < self.epoch_start:  # the epoch's future summed inputs that are gone: start afresh
+            self.epoch_start, self.epoch_stop, self.future = 0, 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.inputs.index_select(beam_idx)
@@ -146,7 +180,7 @@ class ESSSMCacheLayer(LinearAttentionLayer):
     def reset(self) -> None:
         self.inputs = TimeBuffer(self.max_length)  # (B, t, D) mixer inputs u
         self.epoch_start, self.epoch_stop = 0, 0  # the epoch serves outputs epoch_start..epoch_stop-1
-        self.window_filters = None  # (E, k): time-reversed filters of the direct sum
+        self.epoch_filters = None  # (E + 1, k): filter taps 0..E-1 of the direct sums, then a row of zeros
         self.segment_spectra = None  # (n, E + 1, k): see filter_segment_spectra
         self.future = None  # (B, E, k, D): what u[:epoch_start] adds to the epoch's outputs
 
@@ -160,8 +194,9 @@ class ESSSMCache(Cache):
             output sums its whole history directly (the reference, O(t) per token).
 
     `spectral_budget` is the budget the deeper histories were built at; the model rebuilds them from the
-    embeddings when a call continues the cache at another budget. Inputs that continue a cache are the unseen
-    tokens only; an attention mask may cover the unseen tokens or the whole sequence.
+    embeddings when a call continues the cache at another budget. A forward that continues a cache takes the
+    tokens it has not seen (its attention mask may cover them or the whole sequence); `generate` also takes the
+    whole sequence and skips what the cache holds. `crop` cuts the cache back to any earlier length exactly.
     """
 
     def __init__(self, config: ESSSMConfig, future_fill: bool = True):
@@ -176,6 +211,45 @@ class ESSSMCache(Cache):
     @property
     def batch_size(self) -> int:
         return self.embeddings.data.shape[0] if self.embeddings.data is not None else -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens exactly: continuing equals a fresh forward over the kept ones.
+
+        transformers' convention (assisted decoding calls it so): a count <= 0 of tokens to remove, so
+        `cache.crop(m - cache.get_seq_length())` keeps the first m.
+        """
+        length = self.get_seq_length()
+        if (isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, numbers.Integral)
+                or not -length <= tokens_to_remove <= 0):
+            raise ValueError(f"crop takes minus the number of tokens to remove: an integer in [-{length}, 0] for this "
+                             f"cache of {length} tokens; got {tokens_to_remove!r}.")
+        if tokens_to_remove == -length:
+            self.reset()  # as new: the next call may start at any budget
+            return
+        super().crop(tokens_to_remove)
+        self.embeddings.crop(length + tokens_to_remove)
+        self.attention_mask.crop(length + tokens_to_remove)
+
+    def check_prefix(self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Refuse whole-sequence inputs (B, n, D) whose first positions are not the ones this cache holds.
+
+        Block 0's inputs and the padding mask determine every deeper history, so equal embeddings and masks mean
+        the cache is exactly what a forward over those positions would build.
+        """
+        seen = self.get_seq_length()
+        if embeddings.shape[0] != self.batch_size:
+            raise ValueError(f"The cache holds {self.batch_size} sequences but the inputs have {embeddings.shape[0]}; "
+                             "cache.reorder_cache(rows) selects or repeats its rows.")
+        batch = embeddings.shape[0]
+        mask = attention_mask[:, :seen] if attention_mask is not None else embeddings.new_ones(batch, seen)
+        differs = (embeddings[:, :seen] != self.embeddings.values).any(-1) | (mask != self.attention_mask.values)
+        if differs.any():
+            row, position = differs.nonzero()[0].tolist()
+            raise ValueError(
+                f"The inputs cover the {seen} tokens this cache holds but differ from them at position {position} of "
+                f"row {row} (token or attention mask). Pass the sequence the cache was built from, or only the new "
+                f"tokens with an attention_mask covering all {seen} cached tokens and them."
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

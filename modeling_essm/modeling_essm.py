@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 from transformers.utils.deprecation import deprecate_kwarg
@@ -24,6 +25,7 @@ from transformers.utils.generic import can_return_tuple
 from .cache_essm import ESSSMCache
 from .configuration_essm import ESSSMConfig
 from .spectral_filters import spectral_filters
+from .speculative_essm import ESSSMDraftCandidateGenerator
 
 
 def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int:
@@ -42,6 +44,16 @@ def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int:
     if not low <= spectral_budget <= high:
         raise ValueError(f"spectral_budget must be {valid}; got {spectral_budget}.")
     return int(spectral_budget)
+
+
+def resolve_draft_budget(draft_budget, spectral_budget: int, config: ESSSMConfig) -> int:
+    """The budget self-speculative decoding drafts at: an integer below the verifying budget."""
+    low = config.min_spectral_budget
+    if (isinstance(draft_budget, bool) or not isinstance(draft_budget, numbers.Integral)
+            or not low <= draft_budget < spectral_budget):
+        raise ValueError(f"draft_budget must be an integer in [{low}, {spectral_budget - 1}] (min_spectral_budget to "
+                         f"spectral_budget - 1, the budget it drafts for); got {draft_budget!r}.")
+    return int(draft_budget)
 
 
 def fft_length(seq_len: int) -> int:
@@ -287,6 +299,9 @@ class ESSSMPreTrainedModel(PreTrainedModel):
         sliced.load_state_dict(state)
         if self.can_generate():
             sliced.generation_config = copy.deepcopy(self.generation_config)
+            default = getattr(sliced.generation_config, "spectral_budget", None)
+            if default is not None and default > budget:  # above the new K: the sliced model's full budget instead
+                sliced.generation_config.spectral_budget = None
         sliced.train(self.training)
         return sliced
 
@@ -465,31 +480,104 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states)
 
+    def generate(self, *args, draft_budget: int | None = None, **kwargs):
+        r"""`GenerationMixin.generate`, plus self-speculative decoding.
+
+        draft_budget (`int`, *optional*):
+            Draft tokens with these same weights at this smaller spectral budget (with a cache of their own), and
+            verify each round of drafts at `spectral_budget` in one forward pass (transformers' assisted decoding):
+            greedy decoding gives the tokens of plain decoding at `spectral_budget`, sampling its distribution
+            (speculative sampling). Batch size 1. Drafts per round: `num_assistant_tokens`, adapted during the call
+            with `num_assistant_tokens_schedule="heuristic"`.
+        """
+        if draft_budget is None:
+            return super().generate(*args, **kwargs)
+        others = [name for name in ("assistant_model", "prompt_lookup_num_tokens") if kwargs.get(name) is not None]
+        if others:
+            raise ValueError(f"draft_budget drafts with the model itself; it cannot be combined with {others}.")
+        # The model is its own assistant; `_get_candidate_generator` builds the draft from the generation config.
+        return super().generate(*args, assistant_model=self, draft_budget=draft_budget, **kwargs)
+
     def _prepare_generation_config(self, generation_config, **kwargs):
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
         # A budget set on a generation config (e.g. the model's, saved with it) stays there unless handed on; a
         # generate kwarg overrides it. Every forward gets it as a Python int: beam expansion repeats tensors.
         budget = model_kwargs.pop("spectral_budget", getattr(generation_config, "spectral_budget", None))
+        if generation_config.is_assistant:
+            # Assisted decoding hands the main model's kwargs and generation config to its assistant, the main budget
+            # included: an assistant drafts at its own default budget.
+            budget = getattr(self.generation_config, "spectral_budget", None)
         model_kwargs["spectral_budget"] = resolve_spectral_budget(budget, self.config)
+        draft_budget = model_kwargs.pop("draft_budget", None)
+        if draft_budget is not None:
+            generation_config.draft_budget = resolve_draft_budget(draft_budget, model_kwargs["spectral_budget"],
+                                                                  self.config)
         return generation_config, model_kwargs
+
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
+        if getattr(generation_config, "draft_budget", None) is None:
+            return super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
+                                                    model_kwargs, assistant_model, target_tokenizer,
+                                                    assistant_tokenizer)
+        return ESSSMDraftCandidateGenerator(self, generation_config, logits_processor)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
-        # Runs before any forward pass: refuse here what the filters are too short for, not after the work.
+        # Runs before any forward pass: refuse here what the filters are too short for, not after the work. Inputs
+        # that continue a cache may also cover it: the exact length is known in `_prefill`, this is its lower bound.
+        self._check_generation_length(max_cache_length + 1, 0)
+        cache = model_kwargs.get("cache")
+        continued = isinstance(cache, ESSSMCache) and cache.get_seq_length() > 0
+        if continued and generation_mode == GenerationMode.ASSISTED_GENERATION:
+            # Its first forward feeds the whole sequence, whatever a cache already holds.
+            raise ValueError("Assisted decoding (assistant_model, prompt_lookup_num_tokens, draft_budget) starts "
+                             "from an empty cache: pass the whole sequence without one.")
+        if cache is None and generation_config.use_cache:
+            model_kwargs["cache"] = ESSSMCache(self.config)  # generate would build a DynamicCache otherwise
+        else:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                  max_cache_length)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True):
+        # transformers' rule for continuing a cache: the inputs are the whole sequence unless the attention mask is
+        # longer than them (then they are the new tokens and it covers the cache too). generate does not slice the
+        # inputs of a linear cache itself, so the positions the cache holds are checked and skipped here.
         cache = model_kwargs.get("cache")
         seen = cache.get_seq_length() if isinstance(cache, ESSSMCache) else 0
-        final_length = seen + max_cache_length + 1
+        if not seen or model_kwargs.get("use_cache") is False:  # forward refuses a cache with use_cache=False
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+        embeds = model_kwargs.get("inputs_embeds") if is_first_iteration else None
+        inputs = embeds if embeds is not None else input_ids
+        mask = model_kwargs.get("attention_mask")
+        mask_length = mask.shape[1] if mask is not None else getattr(generation_config, "_mask_length", None)
+        new_tokens = generation_config.max_length - input_ids.shape[1]
+        if mask_length is not None and mask_length > inputs.shape[1]:
+            self._check_generation_length(seen + inputs.shape[1] + new_tokens, seen)
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+        if inputs.shape[1] < seen:
+            raise ValueError(
+                f"The cache holds {seen} tokens but the inputs, read as the whole sequence, only {inputs.shape[1]}. "
+                f"Pass the whole sequence, or only the new tokens with an attention_mask covering all {seen} cached "
+                "tokens and them."
+            )
+        cache.check_prefix(embeds if embeds is not None else self.get_input_embeddings()(input_ids[:, :seen]), mask)
+        if inputs.shape[1] == seen:  # nothing new: feed the last token again for the logits of the next one
+            cache.crop(-1)
+            seen -= 1
+        if embeds is not None:
+            model_kwargs = {**model_kwargs, "inputs_embeds": embeds[:, seen:]}
+        else:
+            input_ids = input_ids[:, seen:]
+        return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+
+    def _check_generation_length(self, final_length: int, seen: int) -> None:
         if final_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"generate would produce sequences of {final_length} tokens ({seen} cached + prompt + new tokens), "
                 f"more than max_position_embeddings={self.config.max_position_embeddings}, the length of the "
                 "spectral filters. Ask for fewer new tokens or build the model with a larger `max_position_embeddings`."
             )
-        if cache is None and generation_config.use_cache:
-            model_kwargs["cache"] = ESSSMCache(self.config)  # generate would build a DynamicCache otherwise
-        else:
-            super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
-                                                  max_cache_length)
 
 
 class ESSSMForSequenceClassification(ESSSMPreTrainedModel):

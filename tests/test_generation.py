@@ -7,63 +7,14 @@ import textwrap
 import pytest
 import torch
 from conftest import tiny_config
+from generation_helpers import K, L, assert_same_generation, greedy, left_pad, lm, one_thread, record_budgets, tokens
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, pipeline
 
 from modeling_essm import ESSSMForCausalLM, ESSSMTokenizer
 from modeling_essm.cache_essm import ESSSMCache, epoch_length, filter_segment_spectra, future_contributions
 
-K = 16  # num_spectral_filters of tiny_config
-L = 128  # its max_position_embeddings
 BUDGETS = [2, 8, K]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, whose OpenMP spin-waits cost ~5x on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    # Weights 5x the default init make the logits depend strongly on the context: a cache that loses or mixes up
-    # history is off by ~1e-2, four orders above the float error of a correct one.
-    return ESSSMForCausalLM(tiny_config(initializer_range=0.1)).eval()
-
-
-def tokens(batch=2, seq_len=40, seed=0):
-    return torch.randint(0, 256, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def left_pad(rows, pad_id):
-    """Left-pad rows of token ids (1, T_i) into a batch with its attention mask."""
-    width = max(row.shape[1] for row in rows)
-    ids = torch.cat([torch.nn.functional.pad(row, (width - row.shape[1], 0), value=pad_id) for row in rows])
-    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(row), (width - row.shape[1], 0)) for row in rows])
-    return ids, mask
-
-
-def record_budgets(model):
-    """The spectral_budget of every forward call of `model`, and the hook handle that records them."""
-    budgets = []
-    handle = model.register_forward_pre_hook(lambda _, args, kwargs: budgets.append(kwargs.get("spectral_budget")),
-                                             with_kwargs=True)
-    return budgets, handle
-
-
-def greedy(model, inputs=None, **kwargs):
-    """Greedy generation of exactly max_new_tokens (no stop at eos), with the logits of every step."""
-    return model.generate(inputs, do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_logits=True,
-                          **kwargs)
-
-
-def assert_same_generation(a, b):
-    assert torch.equal(a.sequences, b.sequences)
-    assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=1e-4, rtol=0)
 
 
 # --- forward with a cache -------------------------------------------------------------------------------
@@ -91,10 +42,10 @@ def test_future_fill_equals_the_naive_cache_with_a_bounded_direct_window(lm):
             assert_close(lm(step, cache=future_fill, spectral_budget=8).logits,
                          lm(step, cache=naive, spectral_budget=8).logits, atol=1e-5, rtol=0)
             for layer in future_fill.layers:  # each step sums at most E rows directly, the rest came by FFT
-                size = len(layer.window_filters)
+                size = len(layer.epoch_filters) - 1
                 assert layer.epoch_start % size == 0 and layer.epoch_start <= t < layer.epoch_stop
                 assert size <= epoch_length(t) and (layer.future is not None) == (layer.epoch_start > 0)
-            epochs.add((future_fill.layers[0].epoch_start, len(future_fill.layers[0].window_filters)))
+            epochs.add((future_fill.layers[0].epoch_start, len(future_fill.layers[0].epoch_filters) - 1))
     assert len(epochs) >= 5 and len({size for _, size in epochs}) == 2  # E grew from 16 to 32 on the way
     assert all(layer.epoch_start == 0 and layer.future is None for layer in naive.layers)
 
@@ -121,11 +72,49 @@ def test_epochs_are_powers_of_two_near_three_square_roots_of_the_context():
 @pytest.mark.parametrize("k", BUDGETS)
 def test_chunked_continuation_equals_the_full_forward(lm, k):
     ids = tokens(2, 120, seed=3)
-    bounds = [0, 17, 18, 21, 40, 41, 42, 77, 120]  # chunks of 1 to 43 tokens, before, inside and across epochs
+    # Chunks of 1 to 43 tokens, before, inside and across epochs: those up to E long (30-35 crosses the epoch
+    # boundary at 32) go through FutureFill like single tokens, the longer ones through one FFT.
+    bounds = [0, 17, 18, 21, 30, 35, 40, 41, 42, 77, 120]
     cache = ESSSMCache(lm.config)
     with torch.no_grad():
         logits = [lm(ids[:, a:b], cache=cache, spectral_budget=k).logits for a, b in zip(bounds, bounds[1:])]
         assert_close(torch.cat(logits, 1), lm(ids, spectral_budget=k).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("future_fill", [True, False], ids=["future_fill", "naive"])
+@pytest.mark.parametrize("k", BUDGETS)
+def test_a_cropped_cache_continues_like_a_fresh_forward_over_the_kept_tokens(lm, k, future_fill):
+    sequence = tokens(2, 90, seed=40)
+    cache = ESSSMCache(lm.config, future_fill=future_fill)
+    other = 2 if k != 2 else K
+    with torch.no_grad():
+        lm(sequence[:, :40], cache=cache, spectral_budget=k)
+        for t in range(40, 90):
+            lm(sequence[:, t : t + 1], cache=cache, spectral_budget=k)
+        # Crops inside the current FutureFill epoch and below its start, to zero, then continuations by single
+        # tokens, draft-sized chunks and a long chunk with other tokens than before, the last at another budget.
+        rounds = [(85, [1, 1, 5], k), (70, [4, 1], k), (33, [1, 30], k), (62, [1], k), (0, [20, 1], k),
+                  (15, [3, 1], other)]
+        for i, (keep, chunks, budget) in enumerate(rounds):
+            cache.crop(keep - cache.get_seq_length())
+            assert cache.get_seq_length() == keep
+            sequence = torch.cat([sequence[:, :keep], tokens(2, sum(chunks), seed=50 + i)], 1)
+            bounds = [keep + sum(chunks[:j]) for j in range(len(chunks) + 1)]
+            logits = [lm(sequence[:, a:b], cache=cache, spectral_budget=budget).logits
+                      for a, b in zip(bounds, bounds[1:])]
+            expected = lm(sequence, spectral_budget=budget).logits[:, keep:]
+            assert_close(torch.cat(logits, 1), expected, atol=1e-4, rtol=0)
+
+
+def test_crop_refuses_counts_it_cannot_remove(lm):
+    cache = lm(tokens(2, 10, seed=41), use_cache=True, spectral_budget=4).cache
+    for bad in [1, -11, -2.0, True, None]:
+        with pytest.raises(ValueError, match=r"an integer in \[-10, 0\] for this cache of 10 tokens"):
+            cache.crop(bad)
+    cache.crop(0)
+    assert cache.get_seq_length() == 10 and cache.spectral_budget == 4
+    cache.crop(-10)
+    assert cache.get_seq_length() == 0 and cache.spectral_budget is None
 
 
 @pytest.mark.parametrize("first, second", [(2, K), (K, 8), (8, 2)])
@@ -232,22 +221,50 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(lm, k):
         assert_close(torch.stack(padded.logits)[:, i], torch.stack(alone.logits)[:, 0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("mask", [None, "unseen", "whole"])
+@pytest.mark.parametrize("inputs", ["whole", "whole with mask", "new with whole mask"])
 @pytest.mark.parametrize("first, second", [(8, 8), (4, K)])
-def test_generate_continues_a_returned_cache_from_the_unseen_tokens(lm, first, second, mask):
+def test_generate_continues_a_returned_cache(lm, first, second, inputs):
     first_run = greedy(lm, tokens(2, 20, seed=16), max_new_tokens=10, spectral_budget=first)
     cache = first_run.cache
     seen = cache.get_seq_length()
-    follow_up = tokens(2, 6, seed=17)
-    # Linear caches are not sliced by generate: pass what the cache has not seen, here the last generated token too.
-    unseen = torch.cat([first_run.sequences[:, seen:], follow_up], 1)
-    masks = {None: None, "unseen": torch.ones_like(unseen), "whole": torch.ones(2, seen + unseen.shape[1])}
-    continued = greedy(lm, unseen, attention_mask=masks[mask], cache=cache, max_new_tokens=12, spectral_budget=second)
-    whole = greedy(lm, torch.cat([first_run.sequences, follow_up], 1), max_new_tokens=12, spectral_budget=second,
-                   use_cache=False)
-    assert torch.equal(continued.sequences, whole.sequences[:, seen:])
-    assert_close(torch.stack(continued.logits), torch.stack(whole.logits), atol=1e-4, rtol=0)
-    assert cache.spectral_budget == second and cache.get_seq_length() == seen + unseen.shape[1] + 11
+    assert seen == 29  # the last generated token was returned, never fed
+    whole = torch.cat([first_run.sequences, tokens(2, 6, seed=17)], 1)
+    # transformers' rule: the whole sequence, whose cached part is skipped, or the new tokens with a longer mask.
+    ids, mask = {"whole": (whole, None), "whole with mask": (whole, torch.ones_like(whole)),
+                 "new with whole mask": (whole[:, seen:], torch.ones_like(whole))}[inputs]
+    continued = greedy(lm, ids, attention_mask=mask, cache=cache, max_new_tokens=12, spectral_budget=second)
+    expected = greedy(lm, whole, max_new_tokens=12, spectral_budget=second, use_cache=False)
+    assert torch.equal(continued.sequences[:, -12:], expected.sequences[:, -12:])
+    assert_close(torch.stack(continued.logits), torch.stack(expected.logits), atol=1e-4, rtol=0)
+    assert cache.spectral_budget == second and cache.get_seq_length() == whole.shape[1] + 11  # nothing fed twice
+
+
+def test_generate_recomputes_the_last_token_when_the_cache_holds_the_whole_prompt(lm):
+    prompt = tokens(2, 20, seed=30)
+    cache = lm(prompt, use_cache=True, spectral_budget=8).cache
+    continued = greedy(lm, prompt, cache=cache, max_new_tokens=8, spectral_budget=8)
+    expected = greedy(lm, prompt, max_new_tokens=8, spectral_budget=8)
+    assert torch.equal(continued.sequences, expected.sequences)
+    assert_close(torch.stack(continued.logits), torch.stack(expected.logits), atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == 27
+
+
+def test_generate_refuses_inputs_that_do_not_continue_the_cache(lm):
+    prompt, mask = left_pad([tokens(1, 15, seed=31), tokens(1, 20, seed=32)], lm.config.pad_token_id)
+    first_run = greedy(lm, prompt, attention_mask=mask, max_new_tokens=5)
+    cache = first_run.cache
+    sequence = torch.cat([first_run.sequences, tokens(2, 5, seed=33)], 1)
+    sequence_mask = torch.cat([mask, torch.ones(2, 10, dtype=torch.long)], 1)
+    changed = sequence.clone()
+    changed[1, 7] = (changed[1, 7] + 1) % 256
+    with pytest.raises(ValueError, match="differ from them at position 7 of row 1"):
+        lm.generate(changed, attention_mask=sequence_mask, cache=cache, max_new_tokens=3)
+    with pytest.raises(ValueError, match="differ from them at position 0 of row 0"):  # the padding is part of it
+        lm.generate(sequence, attention_mask=torch.ones_like(sequence), cache=cache, max_new_tokens=3)
+    with pytest.raises(ValueError, match="holds 24 tokens but the inputs, read as the whole sequence, only 5"):
+        lm.generate(sequence[:, -5:], cache=cache, max_new_tokens=3)  # new tokens need a mask covering the cache
+    assert cache.get_seq_length() == 24
+    assert lm.generate(sequence, attention_mask=sequence_mask, cache=cache, max_new_tokens=3).shape == (2, 33)
 
 
 def test_inputs_embeds_prompt_generates_what_its_tokens_generate(lm):
@@ -299,10 +316,11 @@ def test_generating_past_max_position_embeddings_fails_before_any_forward(lm):
             lm.generate(inputs_embeds=lm.get_input_embeddings()(tokens(1, 100)), max_new_tokens=29)
         assert budgets == []
         cache = lm(tokens(1, 100), use_cache=True).cache
+        mask = torch.ones(1, 110, dtype=torch.long)  # the inputs are the new tokens
         with pytest.raises(ValueError, match=r"129 tokens \(100 cached.*max_position_embeddings=128"):
-            lm.generate(tokens(1, 10), cache=cache, max_new_tokens=19)
+            lm.generate(tokens(1, 10), attention_mask=mask, cache=cache, max_new_tokens=19)
         assert len(budgets) == 1 and cache.get_seq_length() == 100
-        lm.generate(tokens(1, 10), cache=cache, max_new_tokens=18)  # exactly L fits
+        lm.generate(tokens(1, 10), attention_mask=mask, cache=cache, max_new_tokens=18)  # exactly L fits
     finally:
         handle.remove()
 
@@ -315,12 +333,15 @@ def test_text_generation_pipeline_passes_the_budget(lm):
     generator = pipeline("text-generation", model=lm, tokenizer=tokenizer)
     budgets, handle = record_budgets(lm)
     try:
-        text = generator("To be, or not", max_new_tokens=12, spectral_budget=4, do_sample=False)[0]["generated_text"]
+        # eos_token_id=None: all 12 tokens, even where this random model would end the text early
+        text = generator("To be, or not", max_new_tokens=12, spectral_budget=4, do_sample=False,
+                         eos_token_id=None)[0]["generated_text"]
     finally:
         handle.remove()
     assert budgets == [4] * 12
     ids = tokenizer("To be, or not", return_tensors="pt").input_ids
-    assert text == tokenizer.decode(lm.generate(ids, max_new_tokens=12, spectral_budget=4, do_sample=False)[0])
+    generated = lm.generate(ids, max_new_tokens=12, spectral_budget=4, do_sample=False, eos_token_id=None)[0]
+    assert text == tokenizer.decode(generated, skip_special_tokens=True)
 
 
 PIPELINE_IN_A_CLEAN_PROCESS = textwrap.dedent(
@@ -330,7 +351,8 @@ PIPELINE_IN_A_CLEAN_PROCESS = textwrap.dedent(
     from transformers import pipeline
     generator = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)
     out = generator("To be, or not", max_new_tokens=12, do_sample=False)[0]["generated_text"]
-    print(json.dumps([out, type(generator.tokenizer).__name__]))
+    drafted = generator("To be, or not", max_new_tokens=12, do_sample=False, draft_budget=2)[0]["generated_text"]
+    print(json.dumps([out, drafted, type(generator.tokenizer).__name__]))
     """
 )
 
@@ -342,12 +364,13 @@ def test_saved_folder_is_a_complete_offline_text_generation_model(lm, tmp_path):
     model.generation_config.spectral_budget = 4
     model.save_pretrained(folder)
     ESSSMTokenizer().save_pretrained(folder)
-    assert {"tokenization_essm.py", "cache_essm.py", "modeling_essm.py"} <= {path.name for path in folder.iterdir()}
+    saved = {path.name for path in folder.iterdir()}
+    assert {"tokenization_essm.py", "cache_essm.py", "modeling_essm.py", "speculative_essm.py"} <= saved
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", PIPELINE_IN_A_CLEAN_PROCESS, str(folder)], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    text, tokenizer_name = json.loads(result.stdout.strip().splitlines()[-1])
-    assert tokenizer_name == "ESSSMTokenizer"
+    text, drafted, tokenizer_name = json.loads(result.stdout.strip().splitlines()[-1])
+    assert tokenizer_name == "ESSSMTokenizer" and drafted == text  # self-speculative decoding runs as remote code
     local = pipeline("text-generation", model=lm, tokenizer=ESSSMTokenizer())
     assert text == local("To be, or not", max_new_tokens=12, spectral_budget=4, do_sample=False)[0]["generated_text"]
