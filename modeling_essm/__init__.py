@@ -12,6 +12,7 @@ from .modeling_essm import (
     ESSSMPreTrainedModel,
     resolve_spectral_budget,
 )
+from .spectral_filters import num_filters_for_length
 from .tokenization_essm import ESSSMTokenizer
 
 AutoConfig.register("essm", ESSSMConfig)
@@ -37,5 +38,6 @@ __all__ = [
     "ESSSMForCausalLM",
     "ESSSMForSequenceClassification",
     "ESSSMTokenizer",
+    "num_filters_for_length",
     "resolve_spectral_budget",
 ]

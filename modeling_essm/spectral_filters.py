@@ -146,3 +146,19 @@ def spectral_filters(
     except OSError as error:
         warnings.warn(f"could not cache spectral filters at {path}: {error}")
     return eigenvalues, filters
+
+
+def num_filters_for_length(seq_len: int, min_scale: float = 0.01) -> int:
+    """The full budget K that suits sequences of up to `seq_len`: the channels whose sigma^(1/4) is >= `min_scale`.
+
+    Channel j reaches the output scaled by sigma_j^(1/4), which falls about 1.3-1.5x per channel (at L=256 it is
+    below 0.01 from the 12th channel on) while every channel costs a D x D projection per block; parameters
+    spent on channels that carry almost nothing are better spent on width (docs/training.md). At least 2, so that
+    there is a budget to shrink to; `sigma_j` grows with L, so longer sequences get a few more channels.
+    """
+    seq_len, _ = _check_arguments(seq_len, 1)
+    if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float)) or not 0 < min_scale < 1:
+        raise ValueError(f"min_scale must be a number in (0, 1), got {min_scale!r}")
+    eigenvalues, _ = spectral_filters(seq_len, min(seq_len, 64))
+    strong = int((eigenvalues.clamp_min(0.0) ** 0.25 >= min_scale).sum())
+    return min(seq_len, max(2, strong))

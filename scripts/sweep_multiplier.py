@@ -22,8 +22,8 @@ from modeling_essm.training import load_run_config, train
 RESULTS_DIR = Path("results/multiplier")
 
 
-def run(config_path, multiplier, steps, results_dir, overrides=()):
-    name = Path(config_path).stem
+def run(config_path, multiplier, steps, results_dir, overrides=(), tag=""):
+    name = Path(config_path).stem + (f"-{tag}" if tag else "")
     output_dir = f"outputs/multiplier/{name}-c{multiplier:g}-steps{steps}"
     settings = [f"model.spectral_proj_multiplier={multiplier}", f"training.output_dir={output_dir}",
                 "training.disable_tqdm=true", *overrides]
@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--multipliers", default="1,10,100", help="comma-separated values of c")
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the config's own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra run-config overrides")
+    parser.add_argument("--tag", default="", help="added to the task name of these runs (e.g. for --set variants)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     parser.add_argument("--report", action="store_true", help="print the table of the JSONs in --results-dir")
     args = parser.parse_args()
@@ -75,7 +76,7 @@ def main():
     reuse_freed_memory()  # as essm-train does: the same speed as the benchmark runs
     for config_path in args.configs:
         for multiplier in [float(c) for c in args.multipliers.split(",")]:
-            run(config_path, multiplier, args.steps, args.results_dir, args.overrides)
+            run(config_path, multiplier, args.steps, args.results_dir, args.overrides, args.tag)
 
 
 if __name__ == "__main__":

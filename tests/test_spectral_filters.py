@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from modeling_essm import spectral_filters as sf
-from modeling_essm.spectral_filters import hankel_eigenpairs, spectral_filters
+from modeling_essm.spectral_filters import hankel_eigenpairs, num_filters_for_length, spectral_filters
 
 # Dense float64 eigh cannot resolve the tail to 1e-8 relative: against 40-digit mpmath at L=64 it is off by up
 # to 3e-19 absolute, i.e. 2e-8 relative at sigma_13/sigma_1 = 4e-11 and 2e-7 at sigma_14/sigma_1 = 4e-12 (rounding
@@ -139,3 +139,20 @@ def test_default_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ESSM_CACHE_DIR", str(tmp_path))
     spectral_filters(32, 4)
     assert (tmp_path / "filters" / "hankel_L32_K4.pt").is_file()
+
+
+@pytest.mark.parametrize("seq_len, expected", [(64, 10), (256, 11), (1024, 12), (4096, 13)])
+def test_num_filters_for_length_keeps_the_channels_above_the_scale(seq_len, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("ESSM_CACHE_DIR", str(tmp_path))
+    assert num_filters_for_length(seq_len) == expected
+    eigenvalues, _ = spectral_filters(seq_len, expected + 1)
+    scale = eigenvalues.clamp_min(0) ** 0.25
+    assert scale[expected - 1] >= 0.01 > scale[expected]  # the rule itself, on the eigenvalues
+    assert num_filters_for_length(seq_len, min_scale=0.05) < expected
+    assert num_filters_for_length(3, min_scale=1e-3) == 3  # never more channels than the length has
+
+
+@pytest.mark.parametrize("min_scale", [0, 1, -0.1, True, "0.01"])
+def test_num_filters_for_length_refuses_bad_scales(min_scale):
+    with pytest.raises(ValueError, match=r"min_scale must be a number in \(0, 1\)"):
+        num_filters_for_length(256, min_scale)

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,18 @@ def test_padding_collator_batches_tokens_of_a_task_without_pad_id():
 
 def test_bits_per_byte_is_the_loss_in_base_two():
     assert add_bits_per_byte({"eval_loss": math.log(2) * 1.5})["eval_bits_per_byte"] == pytest.approx(1.5)
+
+
+def test_the_paper_reference_config_trains_at_a_reduced_length(tmp_path):
+    overrides = ["task.max_length=128", "task.train_size=4", "task.eval_size=2", "training.max_steps=2",
+                 "training.per_device_train_batch_size=2", "training.eval_strategy=no", "training.save_strategy=no",
+                 f"training.output_dir={tmp_path / 'paper'}", "training.use_cpu=true", "training.report_to=[]"]
+    config = load_run_config(Path(__file__).parents[1] / "configs" / "paper_lm.yaml", overrides)
+    trainer, metrics = train(config)
+    model = trainer.model
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_spectral_filters) == (256, 8, 32)
+    assert (model.config.embedding_dropout, model.config.hidden_dropout, model.config.drop_path_rate) == (0.1, 0.1, 0.05)
+    assert trainer.decay_embeddings is False
+    assert any(type(callback).__name__ == "EMACallback" for callback in trainer.callback_handler.callbacks)
+    assert trainer.lr_scheduler.lr_lambdas[0](2) == pytest.approx(0.1, abs=0.02)  # cosine ends at 10% of the peak
+    assert math.isfinite(metrics["eval_bits_per_byte"])
