@@ -230,17 +230,20 @@ class ESSSMCache(Cache):
         self.embeddings.crop(length + tokens_to_remove)
         self.attention_mask.crop(length + tokens_to_remove)
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse inputs of another batch size than the sequences this cache holds (an empty cache takes any)."""
+        if self.get_seq_length() and batch_size != self.batch_size:
+            raise ValueError(f"The cache holds {self.batch_size} sequences but the inputs have {batch_size}; "
+                             "cache.reorder_cache(rows) selects or repeats its rows.")
+
     def check_prefix(self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Refuse whole-sequence inputs (B, n, D) whose first positions are not the ones this cache holds.
 
         Block 0's inputs and the padding mask determine every deeper history, so equal embeddings and masks mean
         the cache is exactly what a forward over those positions would build.
         """
-        seen = self.get_seq_length()
-        if embeddings.shape[0] != self.batch_size:
-            raise ValueError(f"The cache holds {self.batch_size} sequences but the inputs have {embeddings.shape[0]}; "
-                             "cache.reorder_cache(rows) selects or repeats its rows.")
-        batch = embeddings.shape[0]
+        seen, batch = self.get_seq_length(), embeddings.shape[0]
+        self.check_batch_size(batch)
         mask = attention_mask[:, :seen] if attention_mask is not None else embeddings.new_ones(batch, seen)
         differs = (embeddings[:, :seen] != self.embeddings.values).any(-1) | (mask != self.attention_mask.values)
         if differs.any():

@@ -410,9 +410,8 @@ class ESSSMModel(ESSSMPreTrainedModel):
                 f"{f' ({past} cached + {seq_len} new tokens)' if past else ''}. Build the model with a "
                 f"larger `max_position_embeddings` in its config to process longer sequences."
             )
-        if past and cache.batch_size != hidden_states.shape[0]:
-            raise ValueError(f"The cache holds {cache.batch_size} sequences but the inputs have "
-                             f"{hidden_states.shape[0]}; cache.reorder_cache(rows) selects or repeats its rows.")
+        if cache is not None:
+            cache.check_batch_size(hidden_states.shape[0])
         if past and attention_mask is not None and attention_mask.shape[1] not in (seq_len, past + seq_len):
             raise ValueError(f"With a cache of {past} tokens and {seq_len} new ones, attention_mask must cover the new "
                              f"tokens or all {past + seq_len}; got length {attention_mask.shape[1]}.")
@@ -555,6 +554,8 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         if mask_length is not None and mask_length > inputs.shape[1]:
             self._check_generation_length(seen + inputs.shape[1] + new_tokens, seen)
             return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+        if mask_length is not None and mask_length < inputs.shape[1]:
+            raise ValueError(f"attention_mask covers {mask_length} positions, fewer than the {inputs.shape[1]} inputs.")
         if inputs.shape[1] < seen:
             raise ValueError(
                 f"The cache holds {seen} tokens but the inputs, read as the whole sequence, only {inputs.shape[1]}. "

@@ -263,6 +263,8 @@ def test_generate_refuses_inputs_that_do_not_continue_the_cache(lm):
         lm.generate(sequence, attention_mask=torch.ones_like(sequence), cache=cache, max_new_tokens=3)
     with pytest.raises(ValueError, match="holds 24 tokens but the inputs, read as the whole sequence, only 5"):
         lm.generate(sequence[:, -5:], cache=cache, max_new_tokens=3)  # new tokens need a mask covering the cache
+    with pytest.raises(ValueError, match="attention_mask covers 28 positions, fewer than the 30 inputs"):
+        lm.generate(sequence, attention_mask=sequence_mask[:, :28], cache=cache, max_new_tokens=3)
     assert cache.get_seq_length() == 24
     assert lm.generate(sequence, attention_mask=sequence_mask, cache=cache, max_new_tokens=3).shape == (2, 33)
 
