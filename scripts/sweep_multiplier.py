@@ -38,9 +38,9 @@ def run(config_path, multiplier, steps, results_dir, overrides=(), tag=""):
     causal_lm = isinstance(model, ESSSMForCausalLM)
     rows = sweep_budgets(model, trainer.eval_dataset, trainer.data_collator, [2, 4, K],
                          batch_size=trainer.args.per_device_eval_batch_size, causal_lm=causal_lm)
+    train_loss = next(entry["train_loss"] for entry in reversed(trainer.state.log_history) if "train_loss" in entry)
     result = {"task": name, "multiplier": multiplier, "steps": trainer.state.global_step,
-              "train_seconds": train_seconds, "train_loss": trainer.state.log_history[-1].get("train_loss"),
-              "budgets": rows, "overrides": settings}
+              "train_seconds": train_seconds, "train_loss": train_loss, "budgets": rows, "overrides": settings}
     path = Path(results_dir) / f"{name}-c{multiplier:g}-steps{trainer.state.global_step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
