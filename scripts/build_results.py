@@ -10,6 +10,7 @@ from pathlib import Path
 
 from modeling_essm.compare import ESSM_MODELS, MODELS
 from modeling_essm.tasks import TASK_NAMES
+from modeling_essm.training import RECIPE_DEFAULTS
 
 
 TITLES = {
@@ -69,9 +70,16 @@ def settings_line(result):
 
 
 def comparable_settings(result):
+    """What must agree between the models of a task: data, training arguments and recipe.
+
+    Not the model section: the baselines take only their size from it (matched parameter counts).
+    """
     config = result["settings"]["run_config"]
     training = {key: value for key, value in config["training"].items() if key != "output_dir"}
-    return config["task"], config["model"], training
+    # Runs from before the recipe section existed trained with its defaults; the budget options are ES-SSM only.
+    recipe = {key: value for key, value in {**RECIPE_DEFAULTS, **config.get("recipe", {})}.items()
+              if key not in ("sandwich", "distillation")}
+    return config["task"], training, recipe
 
 
 def model_table(results):

@@ -151,3 +151,15 @@ def test_settings_line_names_the_es_ssm_projection_multiplier():
     result["model_config"] = {"spectral_proj_multiplier": 100.0}
     assert build_results.settings_line(result).endswith(
         "learning rate 0.003 (the ES-SSM's spectral_proj_multiplier: 100), 2 torch thread(s).")
+
+
+def test_models_of_a_task_compare_on_data_training_and_recipe_not_architecture():
+    essm, llama = fake_result("listops", "essm", 0.4), fake_result("listops", "llama", 0.4)
+    essm["settings"]["run_config"]["model"] = {"hidden_size": 96, "num_spectral_filters": 11}
+    essm["settings"]["run_config"]["recipe"] = {"sandwich": True}
+    assert build_results.comparable_settings(essm) == build_results.comparable_settings(llama)
+    llama["settings"]["run_config"]["recipe"] = {"ema_decay": 0.999}
+    assert build_results.comparable_settings(essm) != build_results.comparable_settings(llama)
+    llama["settings"]["run_config"]["recipe"] = {}
+    llama["settings"]["run_config"]["training"]["learning_rate"] = 0.001
+    assert build_results.comparable_settings(essm) != build_results.comparable_settings(llama)
