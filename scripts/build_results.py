@@ -235,8 +235,8 @@ def render(results, docs_dir, results_dir):
         "is read from `results/<task>/<model>.json`; tasks and models without results are marked "
         "\"not yet run\".",
         "",
-        "Models, trained with the same data, steps and optimiser (where a task trains the ES-SSM's M_j at a "
-        "multiple of the learning rate, its settings line says so):",
+        "Models, trained with the same data, steps and optimiser (each task's settings line gives the ES-SSM's "
+        "spectral_proj_multiplier; the baselines are matched to its parameter count at full budget):",
         "",
         *[f"- `{model}`: {DESCRIPTIONS[model]}" for model in MODELS],
         "",
@@ -254,7 +254,7 @@ def render(results, docs_dir, results_dir):
         "python scripts/build_results.py",
         "```",
         "",
-        "At a glance (full budget K=32 unless marked k=4; each task's section has the details, the targets and notes):",
+        "At a glance (full budget K unless marked k=4; each task's section has the details, the targets and notes):",
         "",
         summary_table(results),
         "",
