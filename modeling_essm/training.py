@@ -16,6 +16,7 @@ Everything is built and checked before the first step, so a bad config fails in 
 """
 
 import gc
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ from transformers import TrainingArguments, set_seed
 from .budget import BudgetSampler, BudgetSamplingCallback
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification
-from .tasks import load_task
+from .tasks import load_task, task_fields
 from .trainer import EMACallback, ESSSMTrainer, SandwichRule
 
 
 SECTIONS = ("task", "model", "budget", "training", "recipe")
+# K and the minimum budget come from the model.
+BUDGET_FIELDS = set(inspect.signature(BudgetSampler).parameters) - {"num_filters", "min_budget"}
 RECIPE_DEFAULTS = {"decay_embeddings": True, "ema_decay": None, "sandwich": False, "distillation": True}
 # Filled from the task's data: a config that sets them differently would build a model that cannot read it.
 TASK_MODEL_FIELDS = ("vocab_size", "input_size", "num_labels", "pad_token_id")
@@ -109,6 +112,10 @@ def check_run_config(config, source="run config"):
         raise ValueError(f"{source}: task.name is required")
     if "output_dir" not in config["training"]:
         raise ValueError(f"{source}: training.output_dir is required")
+    for section, fields in (("task", task_fields(config["task"]["name"])), ("budget", BUDGET_FIELDS)):
+        unknown = sorted(set(config[section]) - fields)
+        if unknown:  # caught here, before any data or model is built
+            raise ValueError(f"{source}: unknown {section} fields {unknown}; valid fields are {', '.join(sorted(fields))}")
     data_dir = config["task"].get("data_dir")
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         raise FileNotFoundError(f"{source}: task.data_dir {data_dir!r} is not a directory")

@@ -5,12 +5,13 @@ One module per task; each exposes `load(data_dir, max_length, train_size, eval_s
 """
 
 import importlib
+import inspect
 
 from ._common import BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID, BYTE_VOCAB_SIZE, TaskData, check_positive_int
 
 TASK_NAMES = ("listops", "text", "image", "audio", "lm")
 
-__all__ = ["TASK_NAMES", "TaskData", "load_task", "BYTE_PAD_ID", "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_VOCAB_SIZE"]
+__all__ = ["TASK_NAMES", "TaskData", "load_task", "task_fields", "BYTE_PAD_ID", "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_VOCAB_SIZE"]
 
 
 def load_task(name, data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0, **options) -> TaskData:
@@ -31,3 +32,11 @@ def load_task(name, data_dir=None, max_length=None, train_size=None, eval_size=N
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     module = importlib.import_module(f".{name}", __name__)
     return module.load(data_dir, max_length, train_size, eval_size, seed, **options)
+
+
+def task_fields(name) -> set[str]:
+    """The settings `load_task` accepts for task `name`, `name` included: what a run config's task section may hold."""
+    if name not in TASK_NAMES:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
+    module = importlib.import_module(f".{name}", __name__)
+    return {"name", *inspect.signature(module.load).parameters}
