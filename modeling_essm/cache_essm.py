@@ -230,6 +230,22 @@ class ESSSMCache(Cache):
         self.embeddings.crop(length + tokens_to_remove)
         self.attention_mask.crop(length + tokens_to_remove)
 
+    def follow(self, source: "ESSSMCache", start: int, spectral_budget: int) -> None:
+        """Keep this cache's first `start` positions and append `source`'s from there on (every block's inputs, the
+        embeddings, the mask), to be continued at `spectral_budget`.
+
+        This mixes budgets on purpose, for a draft model only: the histories copied from a cache built at the full
+        budget are continued at a small one without the rebuild a budget change otherwise costs (a forward pass over
+        the whole context), and drafts conditioned on full-budget histories propose what the full budget would at
+        least as often.
+        """
+        self.crop(start - self.get_seq_length())
+        for layer, source_layer in zip(self.layers, source.layers):
+            layer.append(source_layer.inputs.values[:, start:])
+        self.embeddings.append(source.embeddings.values[:, start:])
+        self.attention_mask.append(source.attention_mask.values[:, start:])
+        self.spectral_budget = spectral_budget
+
     def check_batch_size(self, batch_size: int) -> None:
         """Refuse inputs of another batch size than the sequences this cache holds (an empty cache takes any)."""
         if self.get_seq_length() and batch_size != self.batch_size:

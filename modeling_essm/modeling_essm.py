@@ -519,7 +519,7 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
             return super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
                                                     model_kwargs, assistant_model, target_tokenizer,
                                                     assistant_tokenizer)
-        return ESSSMDraftCandidateGenerator(self, generation_config, logits_processor)
+        return ESSSMDraftCandidateGenerator(self, generation_config, logits_processor, model_kwargs["cache"])
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):

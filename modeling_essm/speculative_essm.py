@@ -4,9 +4,12 @@ Speculative decoding (Leviathan et al., 2023, "Fast Inference from Transformers 
 cheap draft model propose a few tokens, scores them all with the target model in one forward pass, and keeps the
 longest prefix the target agrees with plus one token of the target's own; greedy outputs are unchanged, and
 speculative sampling keeps the target's distribution. An elastic model carries its own draft: the same weights at
-a budget k < K compute only k of the K spectral channels. The draft needs a cache of its own, since every block's
-input above the first depends on the budget; the target's cache is cut back past rejected drafts
-(`ESSSMCache.crop`). transformers' assisted decoding runs the rounds; this module only supplies the drafts.
+a budget k < K compute only k of the K spectral channels. The target's cache is cut back past rejected drafts
+(`ESSSMCache.crop`); transformers' assisted decoding runs the rounds, this module supplies the drafts.
+
+The draft needs a cache of its own, since it appends its drafts, but not a prefill of its own: it takes over the
+target's histories of the verified tokens (`ESSSMCache.follow`) and continues them at its budget. That saves a
+forward pass over the whole prompt, which at long contexts costs as much as the drafting saves.
 """
 
 import torch
@@ -31,9 +34,11 @@ class ESSSMDraftCandidateGenerator(CandidateGenerator):
             `do_sample` and `max_length` are used.
         logits_processor: the call's processors; the drafts are chosen from the processed scores, as the verifying
             step's tokens are, and those scores are what speculative sampling compares.
+        target_cache: the ESSSMCache the verifying forward passes fill; the draft reads the verified tokens' histories
+            from it.
     """
 
-    def __init__(self, model, generation_config, logits_processor: LogitsProcessorList):
+    def __init__(self, model, generation_config, logits_processor: LogitsProcessorList, target_cache: ESSSMCache):
         self.model = model
         self.draft_budget = generation_config.draft_budget
         self.num_tokens = generation_config.num_assistant_tokens or DEFAULT_DRAFT_TOKENS
@@ -44,17 +49,22 @@ class ESSSMDraftCandidateGenerator(CandidateGenerator):
         self.logits_processor = LogitsProcessorList(
             processor for processor in logits_processor if not isinstance(processor, MinLengthLogitsProcessor)
         )
+        self.target_cache = target_cache
         self.cache = ESSSMCache(model.config)
-        self.cached_ids = None  # (1, t): the tokens self.cache holds
+        self.followed = 0  # the draft cache's first positions, copied from the target's
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
         """input_ids (1, t) -> (1, t + n) with n drafts appended, and their processed scores (1, n, V)."""
+        verified = self.target_cache.get_seq_length()
         count = min(int(self.num_tokens), self.max_length - input_ids.shape[1] - 1)
-        if count <= 0:
+        if count <= 0 or verified == 0:  # nothing to draft from before the target's prefill: a plain first step
             return input_ids, None
+        # The tokens verified since the last round replace the drafts made for them.
+        self.cache.follow(self.target_cache, self.followed, self.draft_budget)
+        self.followed = verified
         # The drafts only propose, so they ignore any attention mask: a mask of a single row can only zero its
         # left end, and the verifying forward applies it.
-        new_ids = input_ids[:, self.keep_verified(input_ids) :]
+        new_ids = input_ids[:, verified:]
         ids, scores = input_ids, []
         for _ in range(count):
             logits = self.model(new_ids, cache=self.cache, spectral_budget=self.draft_budget, logits_to_keep=1).logits
@@ -62,24 +72,12 @@ class ESSSMDraftCandidateGenerator(CandidateGenerator):
             token = torch.multinomial(score.softmax(-1), 1) if self.do_sample else score.argmax(-1, keepdim=True)
             ids, new_ids = torch.cat([ids, token], 1), token
             scores.append(score)
-        self.cached_ids = ids[:, :-1]  # the last draft was never fed
         return ids, torch.stack(scores, 1)
 
-    def keep_verified(self, input_ids: torch.LongTensor) -> int:
-        """Crop the draft cache to its longest prefix that input_ids confirms (never all of them); return its length."""
-        if self.cached_ids is None:
-            return 0
-        held = self.cached_ids.shape[1]
-        length = min(held, input_ids.shape[1] - 1)  # at least one token is fed, for the next draft's logits
-        agree = (self.cached_ids[0, :length] == input_ids[0, :length]).int()
-        keep = length if bool(agree.all()) else int(agree.argmin())  # up to the first rejected draft
-        self.cache.crop(keep - held)
-        return keep
-
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
-        if self.adaptive:
-            accepted_all = num_matches == scores.shape[1] - 1
-            self.num_tokens = self.num_tokens + 2 if accepted_all else max(1, self.num_tokens - 1)
+        drafted = scores.shape[1] - 1
+        if self.adaptive and drafted:
+            self.num_tokens = self.num_tokens + 2 if num_matches == drafted else max(1, self.num_tokens - 1)
 
 
 __all__ = ["ESSSMDraftCandidateGenerator"]

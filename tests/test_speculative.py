@@ -2,8 +2,10 @@ import pytest
 import torch
 from conftest import tiny_config
 from generation_helpers import K, assert_same_generation, greedy, lm, one_thread, record_budgets, tokens  # noqa: F401
+from torch.testing import assert_close
 
 from modeling_essm import ESSSMForCausalLM
+from modeling_essm.cache_essm import ESSSMCache
 
 NEW_TOKENS = 40
 
@@ -66,19 +68,48 @@ def test_prompt_lookup_decoding_gives_the_tokens_of_plain_decoding(lm):
 
 
 def test_self_speculative_sampling_keeps_the_full_budget_distribution(lm):
-    # The first new token is drafted at budget 2, then accepted or resampled by speculative sampling: its frequencies
-    # must follow the full-budget distribution p, not the draft's q, a total variation of 0.25 away from it; 400 draws
-    # estimate a distribution over these 5 tokens to about 0.05.
-    ids = prompt(seed=9)
+    # The first new token is forced, so the second is the first one drafted: at budget 2 on the full budget's history
+    # of the prompt, as the draft does, then accepted or resampled by speculative sampling. Its frequencies must follow
+    # the full budget's distribution p, not the draft's q, a total variation of 0.5 away from it; 400 draws estimate
+    # a distribution over these few tokens to about 0.05.
+    ids = prompt(seed=5)
     with torch.no_grad():
-        logits = lm(ids).logits[0, -1], lm(ids, spectral_budget=2).logits[0, -1]
-    p, q = (torch.zeros(259).index_put_((top.indices,), top.values.softmax(0)) for top in (l.topk(4) for l in logits))
-    assert (p - q).abs().sum() / 2 > 0.2
+        first = lm(ids).logits[:, -1:].argmax(-1)
+        p_logits = lm(torch.cat([ids, first], 1)).logits[0, -1]
+        draft = ESSSMCache(lm.config)
+        draft.follow(lm(ids, use_cache=True).cache, 0, 2)
+        q_logits = lm(first, cache=draft, spectral_budget=2).logits[0, -1]
+    p, q = (torch.zeros(259).index_put_((top.indices,), top.values.softmax(0))
+            for top in (p_logits.topk(4), q_logits.topk(4)))
+    assert (p - q).abs().sum() / 2 > 0.4
+
+    def allowed(batch_id, sequence):
+        return [first.item()] if len(sequence) == 30 else list(range(259))
+
     torch.manual_seed(0)
-    first_tokens = [lm.generate(ids, do_sample=True, top_k=4, max_new_tokens=2, eos_token_id=None, draft_budget=2,
-                                num_assistant_tokens=1)[0, 30].item() for _ in range(400)]
-    frequencies = torch.bincount(torch.tensor(first_tokens), minlength=259) / 400
+    second_tokens = [lm.generate(ids, do_sample=True, top_k=4, max_new_tokens=3, eos_token_id=None, draft_budget=2,
+                                 num_assistant_tokens=1, prefix_allowed_tokens_fn=allowed)[0, 31].item()
+                     for _ in range(400)]
+    frequencies = torch.bincount(torch.tensor(second_tokens), minlength=259) / 400
     assert (frequencies - p).abs().sum() / 2 < 0.12
+
+
+def test_a_draft_cache_takes_over_the_verified_histories(lm):
+    ids = tokens(1, 60, seed=42)
+    with torch.no_grad():
+        source = lm(ids[:, :40], use_cache=True, spectral_budget=4).cache
+        draft = lm(ids[:, :20], use_cache=True, spectral_budget=4).cache
+        lm(tokens(1, 10, seed=43), cache=draft, spectral_budget=4)  # drafts that verification rejected
+        draft.follow(source, 20, 4)
+        logits = [lm(ids[:, t : t + 1], cache=draft, spectral_budget=4).logits for t in range(40, 60)]
+        assert_close(torch.cat(logits, 1), lm(ids, spectral_budget=4).logits[:, 40:], atol=1e-4, rtol=0)
+        # From a cache of the full budget: its histories are continued at the draft's budget, not rebuilt.
+        full = lm(ids[:, :40], use_cache=True).cache
+        draft.follow(full, 0, 2)
+        lm(ids[:, 40:41], cache=draft, spectral_budget=2)
+    assert draft.spectral_budget == 2 and draft.get_seq_length() == 41
+    assert all(torch.equal(mine.inputs.values[:, :40], theirs.inputs.values)
+               for mine, theirs in zip(draft.layers, full.layers))
 
 
 @pytest.mark.parametrize("budget, bad", [(K, K), (K, 1), (K, 2.5), (K, True), (K, "2"), (8, 8), (8, 12)])
