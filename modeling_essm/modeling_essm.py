@@ -25,7 +25,7 @@ from transformers.utils.generic import can_return_tuple
 from .cache_essm import ESSSMCache
 from .configuration_essm import ESSSMConfig
 from .spectral_filters import spectral_filters
-from .speculative_essm import ESSSMDraftCandidateGenerator
+from .speculative_essm import DEFAULT_DRAFT_TOKENS, ESSSMDraftCandidateGenerator
 
 
 def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int:
@@ -498,6 +498,10 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         return super().generate(*args, assistant_model=self, draft_budget=draft_budget, **kwargs)
 
     def _prepare_generation_config(self, generation_config, **kwargs):
+        # Asked for, or left to transformers' default (20 drafts per round, meant for a separate, far cheaper model)?
+        num_drafts = next((value for value in (kwargs.get("num_assistant_tokens"),
+                                               getattr(generation_config, "num_assistant_tokens", None),
+                                               self.generation_config.num_assistant_tokens) if value is not None), None)
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
         # A budget set on a generation config (e.g. the model's, saved with it) stays there unless handed on; a
         # generate kwarg overrides it. Every forward gets it as a Python int: beam expansion repeats tensors.
@@ -511,6 +515,11 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         if draft_budget is not None:
             generation_config.draft_budget = resolve_draft_budget(draft_budget, model_kwargs["spectral_budget"],
                                                                   self.config)
+            if num_drafts is not None and (isinstance(num_drafts, bool) or not isinstance(num_drafts, int)
+                                           or num_drafts < 1):
+                raise ValueError(f"num_assistant_tokens (drafts per round) must be a positive integer; got "
+                                 f"{num_drafts!r}.")
+            generation_config.num_assistant_tokens = num_drafts or DEFAULT_DRAFT_TOKENS
         return generation_config, model_kwargs
 
     def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,

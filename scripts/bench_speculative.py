@@ -97,7 +97,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
                      f"{row['tokens_per_verification']:.2f} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x |")
     footer = (f"Greedy decoding of {settings['new_tokens']} bytes at K = {settings['full_budget']}, identical tokens "
               "for every method; agreement: the draft budget's greedy choice is the full budget's, on plain "
-              "decoding's text; tokens/s per second of process CPU time, prefill excluded; medians of "
+              "decoding's text; tokens/s: decoded tokens per second of process CPU time, prefill excluded; medians of "
               f"{settings['repeats']} interleaved repeats; {settings['threads']} thread(s), {settings['machine']}, "
               f"torch {settings['torch']}; model {settings['model']}.")
     return "\n".join([*lines, "", footer]) + "\n"

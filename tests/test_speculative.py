@@ -41,6 +41,17 @@ def test_self_speculative_greedy_decoding_gives_the_tokens_of_plain_decoding(lm,
     assert drafts >= NEW_TOKENS - verifications  # every accepted token was drafted first
 
 
+def test_self_speculative_decoding_drafts_three_tokens_per_round_unless_asked(lm):
+    def longest_draft_run(budgets):
+        runs = "".join("d" if budget == 8 else " " for budget in budgets).split()
+        return max(len(run) for run in runs)
+
+    _, (budgets,) = run_recorded(lm, [lm], spectral_budget=K, draft_budget=8)
+    assert longest_draft_run(budgets) == 3  # not transformers' 20, meant for a separate, far cheaper draft model
+    _, (budgets,) = run_recorded(lm, [lm], spectral_budget=K, draft_budget=8, num_assistant_tokens=5)
+    assert longest_draft_run(budgets) == 5
+
+
 @pytest.mark.parametrize("assistant", ["sliced", "unrelated"])
 def test_assisted_decoding_with_an_essm_assistant_gives_the_tokens_of_plain_decoding(lm, assistant):
     if assistant == "sliced":
@@ -130,6 +141,9 @@ def test_assisted_decoding_refuses_what_it_cannot_do(lm):
             lm.generate(prompt(), max_new_tokens=5, draft_budget=2, assistant_model=lm)
         with pytest.raises(ValueError, match=r"cannot be combined with \['prompt_lookup_num_tokens'\]"):
             lm.generate(prompt(), max_new_tokens=5, draft_budget=2, prompt_lookup_num_tokens=3)
+        for bad in [0, -2, 2.5]:
+            with pytest.raises(ValueError, match="num_assistant_tokens .* must be a positive integer"):
+                lm.generate(prompt(), max_new_tokens=5, draft_budget=2, num_assistant_tokens=bad)
         assert budgets == []
         cache = lm(prompt(), use_cache=True).cache
         with pytest.raises(ValueError, match="starts from an empty cache"):
