@@ -483,11 +483,11 @@ class ESSSMForCausalLM(ESSSMPreTrainedModel, GenerationMixin):
         r"""`GenerationMixin.generate`, plus self-speculative decoding.
 
         draft_budget (`int`, *optional*):
-            Draft tokens with these same weights at this smaller spectral budget (with a cache of their own), and
-            verify each round of drafts at `spectral_budget` in one forward pass (transformers' assisted decoding):
-            greedy decoding gives the tokens of plain decoding at `spectral_budget`, sampling its distribution
-            (speculative sampling). Batch size 1. Drafts per round: `num_assistant_tokens`, adapted during the call
-            with `num_assistant_tokens_schedule="heuristic"`.
+            Draft tokens with these same weights at this smaller spectral budget, and verify each round of drafts at
+            `spectral_budget` in one forward pass (transformers' assisted decoding): greedy decoding gives the tokens
+            of plain decoding at `spectral_budget`, sampling its distribution (speculative sampling). Batch size 1.
+            Drafts per round: `num_assistant_tokens` (default 3), adapted during the call with
+            `num_assistant_tokens_schedule="heuristic"`.
         """
         if draft_budget is None:
             return super().generate(*args, **kwargs)
