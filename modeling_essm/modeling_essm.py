@@ -196,9 +196,7 @@ class ESSSMSpectralMixer(nn.Module):
         """Gate and project the active channels' convolutions: u (B, n, D), conv (B, n, k, D) -> (B, n, D)."""
         batch, seq_len, hidden = u.shape
         features = (conv * self.gate(u, spectral_budget)[..., None]).reshape(batch, seq_len, -1)  # (B, n, k*D)
-        projections = self.spectral_proj[:spectral_budget].reshape(-1, hidden).to(features.dtype)  # (k*D, D)
-        # The multiplier scales the few outputs of a decoding step rather than all k D x D matrices.
-        y = self.skip_proj(u) + self.spectral_proj_multiplier * (features @ projections)
+        y = self.skip_proj(u) + features @ self.projections(0, spectral_budget).reshape(-1, hidden).to(features.dtype)
         return y.to(u.dtype)
 
 
