@@ -1,4 +1,4 @@
-"""Transformer and Mamba baselines with the parameter count of an ES-SSM (DESIGN 6).
+"""Transformer and Mamba baselines with the parameter count of an ES-SSM.
 
 `matched_baseline(name, essm_config, task)` builds a Llama (SDPA attention) or a Mamba model
 for a task whose parameter count is within 10% of the full ES-SSM that `essm_config`

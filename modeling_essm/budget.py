@@ -1,4 +1,4 @@
-"""Budget dropout: train one ES-SSM that runs at any spectral budget (DESIGN 1.4).
+"""Budget dropout: train one ES-SSM that runs at any spectral budget (the ES-SSM paper's training).
 
 Every optimizer step runs at one spectral budget ``k`` drawn by a :class:`BudgetSampler`.
 The draw is a pure function of ``(seed, step)``: every DDP rank, every micro-batch of a

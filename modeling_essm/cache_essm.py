@@ -1,4 +1,4 @@
-"""The generation cache of ES-SSM and its exact fast decoding (epoched FutureFill, DESIGN 4).
+"""The generation cache of ES-SSM and its exact fast decoding (epoched FutureFill, Agarwal et al. 2024).
 
 A block's mixer output at position t needs the causal convolutions U_j(t) = sum_{s<=t} phi_j[t-s] u(s) of
 its whole input history, so the cache keeps every mixer input u so far (post-norm, padding zeroed): an

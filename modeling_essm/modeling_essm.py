@@ -112,7 +112,7 @@ class ESSSMSpectralBasis(nn.Module):
 
 
 class ESSSMSpectralMixer(nn.Module):
-    """The sequence mixer of one block (DESIGN 1.2).
+    """The sequence mixer of one block (the ES-SSM paper's spectral mixer).
 
         y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) D
 

@@ -13,7 +13,7 @@ process per system and length so that the benchmark's own heap history cannot hi
 Timings run with glibc keeping freed memory for reuse (`modeling_essm.cpu_allocator`) for every system
 alike; memory is measured without it, so that the resident set follows the live tensors.
 The ES-SSM mixer's achieved FLOP rate is reported as a fraction of this machine's measured fp32 GEMM rate
-(issue 6's yardstick) and, in a bf16 run, of its bf16 GEMM rate too; issue 6's four targets are checked on
+(the yardstick of the speed targets) and, in a bf16 run, of its bf16 GEMM rate too; the four speed targets are checked on
 the run's own numbers. Results go to docs/bench_forward.json (bench_forward_bf16.json) and the marked
 section of docs/performance.md for that precision.
 """
@@ -93,7 +93,7 @@ def peak_memory_mb(fn) -> float | None:
 # --- models at matched size -----------------------------------------------------------------------------
 
 
-ESSM_REFERENCE = dict(hidden_size=256, num_hidden_layers=8, num_spectral_filters=32)  # DESIGN 1.3
+ESSM_REFERENCE = dict(hidden_size=256, num_hidden_layers=8, num_spectral_filters=32)  # the paper's reference LM
 
 
 def essm(max_len: int) -> ESSSMForCausalLM:
@@ -238,7 +238,7 @@ TARGET_VERDICT = {True: "met", False: "MISSED", None: "not measured"}
 
 
 def issue_targets(result) -> list[dict]:
-    """The "done when" of issue 6, each checked on this run's own numbers (met is None where it was not measured)."""
+    """The four speed targets, each checked on this run's own numbers (met is None where it was not measured)."""
     forward = {(r["model"], r["budget"], r["seq_len"]): r["tokens_per_s"] for r in result["forward"]}
 
     def at_least(text, value, threshold, shown_as):
@@ -284,7 +284,7 @@ def markdown(result) -> str:
              f"{result['mixer']['gflops']:.1f} GFLOP/s = " + ", ".join(
                  f"**{fraction:.0%}** of the {name} rate" for name, fraction in result["mixer"]["fraction_of_gemm"].items())
              + ".", "",
-             "Issue 6's targets, checked on this run's numbers:", "", "| target | this run | |", "|---|---|---|",
+             "The speed targets, checked on this run's numbers:", "", "| target | this run | |", "|---|---|---|",
              *(f"| {t['target']} | {t['measured']} | {TARGET_VERDICT[t['met']]} |" for t in issue_targets(result)), "",
              "Forward (inference):", "",
              "| model | budget | length | parameters | tokens/s | vs ES-SSM k=32 | peak memory (MB) |",

@@ -24,7 +24,7 @@ def tokens(batch=2, seq_len=40, seed=0):
 
 
 def reference_mixer(mixer, u, filters, eigenvalues, k):
-    """DESIGN 1.2 written out literally: direct causal sums, no FFT, no chunking."""
+    """The mixer equation written out literally: direct causal sums, no FFT, no chunking."""
     batch, seq_len, hidden = u.shape
     u = u.double()
     logits = torch.nn.functional.gelu(u @ mixer.gate_in.weight.double().T + mixer.gate_in.bias.double())
