@@ -4,8 +4,9 @@
 for a task whose parameter count is within 10% of the full ES-SSM that `essm_config`
 describes: at the ES-SSM's depth when a width gets there, else at the nearest depth that does.
 Language modelling uses `LlamaForCausalLM` / `MambaForCausalLM`; classification uses
-`LlamaForSequenceClassification` (last-token pooling) and `MambaForSequenceClassification`
-below (masked mean pooling). Real-valued inputs (audio) reach either through a linear input
+`LlamaForSequenceClassification` and `MambaForSequenceClassification` below, which pool the
+sequence as the ES-SSM classifier does (masked mean) so that the head is not what differs:
+with transformers' own last-token Llama head, Llama stayed at chance on byte-level IMDb. Real-valued inputs (audio) reach either through a linear input
 projection into `inputs_embeds`, as they reach the ES-SSM through its `input_proj`.
 
 Only the benchmarks import this module; the modeling files never do.
@@ -19,7 +20,8 @@ from torch import nn
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    LlamaForSequenceClassification,
+    LlamaModel,
+    LlamaPreTrainedModel,
     MambaConfig,
     MambaForCausalLM,
     MambaModel,
@@ -51,26 +53,38 @@ def masked_mean(hidden_states, attention_mask):
     return (hidden_states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-class MambaForSequenceClassification(MambaPreTrainedModel):
-    """A Mamba backbone, masked mean pooling over the sequence and a linear head; single-label cross-entropy."""
+class MeanPoolingClassifier:
+    """A backbone, masked mean pooling over the sequence and a linear head; single-label cross-entropy.
 
+    Mixed in before a `PreTrainedModel` class that names its `backbone_class`; the backbone is
+    stored under the model family's `base_model_prefix`, as transformers' own heads store it.
+    """
+
+    backbone_class = None
     # The loss is a per-batch mean: the Trainer must divide it by the accumulation steps itself.
     accepts_loss_kwargs = False
 
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.backbone = MambaModel(config)
+        setattr(self, self.base_model_prefix, self.backbone_class(config))
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None):
-        outputs = self.backbone(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
-        )
-        logits = self.score(masked_mean(outputs.last_hidden_state, attention_mask))
+        backbone = getattr(self, self.base_model_prefix)
+        outputs = backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        logits = self.score(masked_mean(outputs.last_hidden_state, attention_mask))  # (B, num_labels)
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class LlamaForSequenceClassification(MeanPoolingClassifier, LlamaPreTrainedModel):
+    backbone_class = LlamaModel
+
+
+class MambaForSequenceClassification(MeanPoolingClassifier, MambaPreTrainedModel):
+    backbone_class = MambaModel
 
 
 class RealValuedInputs(nn.Module):
@@ -91,16 +105,10 @@ class RealValuedInputs(nn.Module):
 
 
 def token_space(task):
-    """(vocab_size, pad_token_id) of a baseline for `task`.
-
-    Llama's classifier pools the rightmost token that is not `pad_token_id` and refuses batches
-    without one, so tasks without padding get a pad id that no input contains (one spare
-    embedding row), and real-valued tasks a one-row embedding table that is never read.
-    """
+    """(vocab_size, pad_token_id) of a baseline for `task`: real-valued tasks get a one-row
+    embedding table that is never read."""
     if task.vocab_size is None:
-        return 1, 0
-    if task.pad_token_id is None:
-        return task.vocab_size + 1, task.vocab_size
+        return 1, None
     return task.vocab_size, task.pad_token_id
 
 
@@ -154,9 +162,6 @@ def build_baseline(name, task, hidden_size, num_layers):
     model = model_class(make_config(task, hidden_size, num_layers))
     if task.input_size is not None:
         return RealValuedInputs(model, task.input_size)
-    if not is_language_model(task):
-        # Single-label losses are per-batch means: the Trainer must divide them by the accumulation steps.
-        model.accepts_loss_kwargs = False
     return model
 
 

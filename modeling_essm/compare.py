@@ -4,8 +4,9 @@ The models of a comparison, all trained from the same YAML run config (see `trai
 
     essm        ES-SSM with budget dropout (the config's budget section, the paper schedule)
     essm-fixed  the same ES-SSM trained only at the full budget K (the non-elastic ablation, no sandwich rule)
-    llama       LlamaForSequenceClassification / LlamaForCausalLM (SDPA) with the ES-SSM's parameter count
-    mamba       Mamba (classifier with masked mean pooling / MambaForCausalLM) with the ES-SSM's parameter count
+    llama       Llama (SDPA) with the ES-SSM's parameter count
+    mamba       Mamba with the ES-SSM's parameter count
+                (classifiers pool the sequence by masked mean as the ES-SSM does; see `baselines.py`)
 
 Each model trains in `<training.output_dir>/<model>`. The ES-SSM variants are then evaluated at
 every budget of the grid by `evaluation.eval_budgets`, the baselines once with the same metric

@@ -84,15 +84,17 @@ def test_classifiers_pool_the_same_sequence_alike_whatever_the_padding(baseline,
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-4)
 
 
-def test_mamba_classifier_mean_pools_real_positions_and_returns_cross_entropy():
+@pytest.mark.parametrize("baseline", ["llama", "mamba"])
+def test_classifiers_mean_pool_real_positions_and_return_cross_entropy(baseline):
     torch.manual_seed(0)
-    model = build_baseline("mamba", task_like("listops"), 16, 1).eval()
+    model = build_baseline(baseline, task_like("listops"), 16, 1).eval()
     input_ids = torch.tensor([[11, 3, 5, 0, 0], [12, 4, 6, 8, 15]])
     attention_mask = (input_ids != 0).long()
     labels = torch.tensor([2, 7])
+    backbone = getattr(model, model.base_model_prefix)
     with torch.no_grad():
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     expected = model.score(torch.stack([hidden[0, :3].mean(0), hidden[1].mean(0)]))
     assert output.logits.shape == (2, 10)
     torch.testing.assert_close(output.logits, expected)
@@ -100,16 +102,16 @@ def test_mamba_classifier_mean_pools_real_positions_and_returns_cross_entropy():
     assert model.accepts_loss_kwargs is False
 
 
-def test_llama_without_task_padding_pools_the_last_position():
-    # Image pixels have no pad id; 0 is a real pixel, so trailing zeros must not be read as padding.
+def test_llama_classifier_without_task_padding_reads_every_position():
+    # Image pixels have no pad id; 0 is a real pixel, so trailing zeros are pooled like any other.
     torch.manual_seed(0)
     model = build_baseline("llama", task_like("image"), 16, 1).eval()
-    assert model.config.pad_token_id == 256 and model.config.vocab_size == 257
+    assert model.config.pad_token_id is None and model.config.vocab_size == 256
     input_ids = torch.tensor([[9, 200, 0, 0], [1, 2, 3, 4]])
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
         hidden = model.model(input_ids=input_ids).last_hidden_state
-    torch.testing.assert_close(logits, model.score(hidden[:, -1]))
+    torch.testing.assert_close(logits, model.score(hidden.mean(1)))
 
 
 @pytest.mark.parametrize("baseline", ["llama", "mamba"])

@@ -15,6 +15,7 @@ from PIL import Image
 import modeling_essm.tasks
 from modeling_essm.tasks import TASK_NAMES, TaskData, image, listops, load_task
 from modeling_essm.tasks._common import choose_rows, resolve_data_dir
+from modeling_essm.training import PaddingCollator
 
 
 # ---------------------------------------------------------------- ListOps
@@ -281,6 +282,22 @@ def test_audio_is_scaled_padded_cropped_and_split_by_take(tmp_path):
     assert extremes.shape == (40,) and extremes[0] == -1.0 and 0.9999 < extremes[1] < 1 and not extremes[2:].any()
     np.testing.assert_allclose(task.eval[0]["input_values"][:10], ramp[:10] / 32768)
     assert not any(task.eval[0]["input_values"][10:])
+
+
+def test_audio_frames_are_consecutive_samples_and_the_batch_has_frame_features(tmp_path):
+    ramp = np.arange(-50, 50) * 600
+    data_dir = fsdd_archive(tmp_path, {"3_alice_5.wav": wav_bytes(ramp), "7_bob_4.wav": wav_bytes(ramp[:30])})
+    task = load_task("audio", data_dir=data_dir, max_length=40, frame_size=8)
+    assert (task.input_size, task.max_length) == (8, 5)
+    frames = np.array(task.train[0]["input_values"])
+    np.testing.assert_allclose(frames, (ramp[:40] / 32768).reshape(5, 8))
+    batch = PaddingCollator(pad_token_id=None)([task.train[0], task.eval[0]])
+    assert batch["input_values"].shape == (2, 5, 8) and batch["attention_mask"].all()
+    np.testing.assert_allclose(batch["input_values"][1].reshape(-1)[:30].numpy(), ramp[:30] / 32768, rtol=1e-6)
+    assert not batch["input_values"][1].reshape(-1)[30:].any()
+    for bad, match in [(dict(max_length=40, frame_size=6), "multiple of frame_size"), (dict(frame_size=0), "frame_size")]:
+        with pytest.raises(ValueError, match=match):
+            load_task("audio", data_dir=data_dir, **bad)
 
 
 def test_audio_rejects_recordings_in_another_format(tmp_path):

@@ -83,19 +83,26 @@ def check_max_length(task: str, max_length, low: int, high: int, default: int) -
 
 def list_column(sequences, dtype: str) -> pa.ListArray:
     """An Arrow list column built from one flat array: converting millions of Python
-    numbers one by one takes seconds per split."""
+    numbers one by one takes seconds per split. Sequences of frames (2-D arrays, every frame
+    the same size) become lists of fixed-size lists."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(sequences) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
+    frame_shape = np.shape(sequences[0])[1:] if len(sequences) else ()
     flat = np.concatenate([np.asarray(s, dtype=dtype) for s in sequences]) if len(sequences) else np.zeros(0, dtype)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    values = pa.array(flat.reshape(-1))
+    if frame_shape:
+        values = pa.FixedSizeListArray.from_arrays(values, frame_shape[0])
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 def labelled_dataset(sequences, labels, label_names, column="input_ids", dtype="int16") -> datasets.Dataset:
-    """A classification split: one list column (token ids by default) and `labels` (ClassLabel)."""
-    features = datasets.Features(
-        {column: datasets.List(datasets.Value(dtype)), "labels": datasets.ClassLabel(names=list(label_names))}
-    )
+    """A classification split: one list column (token ids by default; frames when the sequences
+    are 2-D arrays) and `labels` (ClassLabel)."""
+    step = datasets.Value(dtype)
+    if len(sequences) and np.ndim(sequences[0]) == 2:
+        step = datasets.List(step, length=np.shape(sequences[0])[1])
+    features = datasets.Features({column: datasets.List(step), "labels": datasets.ClassLabel(names=list(label_names))})
     columns = {column: list_column(sequences, dtype), "labels": np.asarray(labels, dtype=np.int64)}
     return datasets.Dataset.from_dict(columns, features=features)
 
