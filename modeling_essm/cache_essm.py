@@ -119,6 +119,10 @@ class ESSSMCacheLayer(LinearAttentionLayer):
     def append(self, u: torch.Tensor) -> None:
         self.inputs.append(u)
 
+    def latest_inputs(self, count: int) -> torch.Tensor:
+        """The last `count` inputs of the history (fewer at its start): (B, <= count, D)."""
+        return self.inputs.values[:, max(0, self.inputs.length - count) :]
+
     def convolve(self, u: torch.Tensor, spectral_basis, spectral_budget: int) -> torch.Tensor:
         """Append u (B, n, D) to the history; return its positions' convolutions (B, n, k, D), float32.
 

@@ -14,7 +14,7 @@ ESSM_AUTO_MAP = {
 }
 
 # The behaviour of checkpoints saved before a field was added; `from_dict` (and so `from_pretrained`) fills them in.
-FIELDS_BEFORE_THEY_EXISTED = {"spectral_proj_multiplier": 1.0, "spectral_proj_init_std": 0.02}
+FIELDS_BEFORE_THEY_EXISTED = {"spectral_proj_multiplier": 1.0, "spectral_proj_init_std": 0.02, "local_conv_size": 0}
 
 
 class ESSSMConfig(PreTrainedConfig):
@@ -43,6 +43,12 @@ class ESSSMConfig(PreTrainedConfig):
             existed load with 1.0, their trained behaviour.
         spectral_proj_init_std (`float`, defaults to 1e-3): std of the effective projections `c * M_j` at
             initialisation (the paper's value).
+        local_conv_size (`int`, defaults to 4): width of a depthwise causal convolution over the mixer's last
+            inputs, added to its output beside the skip matrix, at every budget (0: none, the paper's mixer).
+            The spectral filters vary slowly (channel j changes sign j - 1 times over L steps), so patterns a
+            few steps long (byte n-grams, neighbouring audio frames) otherwise have to be learned through
+            the feed-forward layers of later blocks; the measurements behind the default: docs/training.md.
+            Configs saved before this field existed load with 0, their trained behaviour.
         spectral_chunk_size (`int`, defaults to 8): at most this many channels are convolved and projected
             together at inference (bigger chunks mean bigger GEMMs).
         spectral_chunk_mb (`float`, defaults to 64.0): and at most as many as keep one chunk's float32
@@ -73,6 +79,7 @@ class ESSSMConfig(PreTrainedConfig):
         gate_bias_init: float = -2.0,
         spectral_proj_multiplier: float = 100.0,
         spectral_proj_init_std: float = 1e-3,
+        local_conv_size: int = 4,
         spectral_chunk_size: int = 8,
         spectral_chunk_mb: float = 64.0,
         embedding_dropout: float = 0.0,
@@ -100,6 +107,7 @@ class ESSSMConfig(PreTrainedConfig):
         self.gate_bias_init = gate_bias_init
         self.spectral_proj_multiplier = spectral_proj_multiplier
         self.spectral_proj_init_std = spectral_proj_init_std
+        self.local_conv_size = local_conv_size
         self.spectral_chunk_size = spectral_chunk_size
         self.spectral_chunk_mb = spectral_chunk_mb
         self.embedding_dropout = embedding_dropout
@@ -137,6 +145,8 @@ class ESSSMConfig(PreTrainedConfig):
             )
         if not isinstance(self.intermediate_size, int) or self.intermediate_size < 0:
             raise ValueError(f"intermediate_size must be None or an integer >= 0, got {self.intermediate_size!r}.")
+        if not isinstance(self.local_conv_size, int) or isinstance(self.local_conv_size, bool) or self.local_conv_size < 0:
+            raise ValueError(f"local_conv_size must be an integer >= 0 (0: no local convolution), got {self.local_conv_size!r}.")
         if self.input_size is not None and (not isinstance(self.input_size, int) or self.input_size < 1):
             raise ValueError(f"input_size must be None or a positive integer, got {self.input_size!r}.")
         if self.classifier_pooling not in ("mean", "last"):

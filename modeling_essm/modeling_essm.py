@@ -121,6 +121,8 @@ class ESSSMSpectralMixer(nn.Module):
     spectral_proj: the K learned D x D matrices, stacked (K, D, D); the mixer uses them times
         `spectral_proj_multiplier` (see ESSSMConfig: it makes the spectral path learn at a plain layer's pace);
     skip_proj: the learned D x D skip matrix D.
+    local_conv: a depthwise causal convolution over the last `local_conv_size` inputs, budget independent
+        (absent when local_conv_size is 0; see ESSSMConfig).
     Only the active channels are convolved and projected; under autocast the FFTs and the gate
     softmax stay in float32.
     """
@@ -132,6 +134,9 @@ class ESSSMSpectralMixer(nn.Module):
         self.gate_out = nn.Linear(config.gate_hidden_size, num_filters)
         self.spectral_proj = nn.Parameter(torch.empty(num_filters, hidden, hidden))
         self.skip_proj = nn.Linear(hidden, hidden, bias=False)
+        self.local_conv_size = config.local_conv_size
+        # Padded by hand in `local_mixing`, so that a cached step can prepend the inputs before it instead of zeros.
+        self.local_conv = nn.Conv1d(hidden, hidden, config.local_conv_size, groups=hidden) if config.local_conv_size else None
         self.spectral_proj_multiplier = config.spectral_proj_multiplier
         self.chunk_size = config.spectral_chunk_size
         self.chunk_bytes = config.spectral_chunk_mb * 2**20
@@ -167,7 +172,25 @@ class ESSSMSpectralMixer(nn.Module):
             spectral = spectral + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
                                                         self.projections(start, end), seq_len)
             start = end
-        return (self.skip_proj(u) + spectral.transpose(1, 2)).to(u.dtype)  # (B, T, D)
+        return self.combine(u, spectral.transpose(1, 2))  # (B, T, D)
+
+    def combine(self, u: torch.Tensor, spectral: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixer output: the gated spectral part (B, n, D) plus the skip and local paths of u (B, n, D)."""
+        y = self.skip_proj(u) + spectral
+        if self.local_conv is not None:
+            y = y + self.local_mixing(u, previous)
+        return y.to(u.dtype)
+
+    def local_mixing(self, u: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Depthwise causal convolution of u (B, n, D) -> (B, n, D).
+
+        previous: the inputs just before u (B, <= local_conv_size - 1, D), from the cache; zeros stand in for
+        those that do not exist (the start of the sequence).
+        """
+        window = u if previous is None else torch.cat([previous.to(u.dtype), u], dim=1)
+        missing = self.local_conv_size - 1 - (window.shape[1] - u.shape[1])
+        window = F.pad(window.transpose(1, 2), (missing, 0))  # (B, D, n + local_conv_size - 1)
+        return self.local_conv(window).transpose(1, 2)  # (B, n, D)
 
     def inference_chunk(self, batch: int, hidden: int, n_fft: int) -> int:
         """Channels per chunk without autograd: at most `chunk_size`, and within `chunk_bytes` of convolution output."""
@@ -190,14 +213,18 @@ class ESSSMSpectralMixer(nn.Module):
 
     def step(self, u: torch.Tensor, cache_layer, spectral_basis: ESSSMSpectralBasis, spectral_budget: int):
         """Outputs (B, n, D) at the positions u (B, n, D) adds to the history in `cache_layer`; n = 1 when decoding."""
-        return self.mix(u, cache_layer.convolve(u, spectral_basis, spectral_budget), spectral_budget)
+        previous = cache_layer.latest_inputs(self.local_conv_size - 1)  # read before convolve appends u
+        return self.mix(u, cache_layer.convolve(u, spectral_basis, spectral_budget), spectral_budget, previous)
 
-    def mix(self, u: torch.Tensor, conv: torch.Tensor, spectral_budget: int) -> torch.Tensor:
-        """Gate and project the active channels' convolutions: u (B, n, D), conv (B, n, k, D) -> (B, n, D)."""
+    def mix(self, u: torch.Tensor, conv: torch.Tensor, spectral_budget: int, previous: torch.Tensor | None = None):
+        """Gate and project the active channels' convolutions: u (B, n, D), conv (B, n, k, D) -> (B, n, D).
+
+        previous: the inputs just before u, for the local convolution (see `local_mixing`).
+        """
         batch, seq_len, hidden = u.shape
         features = (conv * self.gate(u, spectral_budget)[..., None]).reshape(batch, seq_len, -1)  # (B, n, k*D)
-        y = self.skip_proj(u) + features @ self.projections(0, spectral_budget).reshape(-1, hidden).to(features.dtype)
-        return y.to(u.dtype)
+        spectral = features @ self.projections(0, spectral_budget).reshape(-1, hidden).to(features.dtype)  # (B, n, D)
+        return self.combine(u, spectral, previous)
 
 
 class ESSSMFeedForward(nn.Module):

@@ -40,6 +40,11 @@ def reference_mixer(mixer, u, filters, eigenvalues, k):
             toeplitz[t, : t + 1] = phi[: t + 1].flip(0)
         conv = torch.einsum("ts,bsd->btd", toeplitz, u)
         y = y + a[..., j : j + 1] * (conv @ (mixer.spectral_proj_multiplier * mixer.spectral_proj[j].double()))
+    if mixer.local_conv is not None:  # y(t) += b + sum_i w[:, size - 1 - i] * u(t - i), channel by channel
+        weight, size = mixer.local_conv.weight.double()[:, 0], mixer.local_conv_size  # (D, size)
+        y = y + mixer.local_conv.bias.double()
+        for lag in range(min(size, seq_len)):
+            y[:, lag:] = y[:, lag:] + u[:, : seq_len - lag] * weight[:, size - 1 - lag]
     return y
 
 
@@ -48,9 +53,14 @@ def reference_mixer(mixer, u, filters, eigenvalues, k):
 
 @pytest.mark.parametrize("k", [2, 7, K])
 @pytest.mark.parametrize("grad", [False, True])
-def test_mixer_matches_direct_convolution_reference(causal_lm, k, grad):
+@pytest.mark.parametrize("local_conv_size", [0, 1, 4])
+def test_mixer_matches_direct_convolution_reference(k, grad, local_conv_size):
+    torch.manual_seed(0)
+    causal_lm = ESSSMForCausalLM(tiny_config(local_conv_size=local_conv_size))
     basis = causal_lm.model.spectral_basis
     mixer = causal_lm.model.layers[0].mixer
+    if local_conv_size:
+        torch.nn.init.normal_(mixer.local_conv.bias)  # zero at initialisation: make it count
     u = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(grad):  # grad enabled: one chunk; disabled: chunks of 3 channels
         y = mixer(u, basis.filter_spectrum(37, k), k)
@@ -334,23 +344,24 @@ def test_an_adam_step_moves_the_effective_projections_by_the_multiplier_times_lr
 
 def test_a_config_saved_before_the_multiplier_existed_loads_with_its_trained_behaviour(tmp_path):
     torch.manual_seed(0)
-    old = ESSSMForCausalLM(tiny_config(spectral_proj_multiplier=1.0, spectral_proj_init_std=0.02)).eval()
+    old = ESSSMForCausalLM(tiny_config(spectral_proj_multiplier=1.0, spectral_proj_init_std=0.02, local_conv_size=0)).eval()
     old.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    for field in ("spectral_proj_multiplier", "spectral_proj_init_std", "embedding_dropout"):
+    for field in ("spectral_proj_multiplier", "spectral_proj_init_std", "embedding_dropout", "local_conv_size"):
         del saved[field]  # as written before these fields existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert reloaded.config.spectral_proj_multiplier == 1.0
+    assert (reloaded.config.spectral_proj_multiplier, reloaded.config.local_conv_size) == (1.0, 0)
     x = tokens()
     assert torch.equal(reloaded(x).logits, old(x).logits)
 
 
 def test_new_fields_are_saved_and_reloaded(tmp_path):
-    config = tiny_config(spectral_proj_multiplier=30.0, spectral_proj_init_std=5e-3, embedding_dropout=0.1)
+    config = tiny_config(spectral_proj_multiplier=30.0, spectral_proj_init_std=5e-3, embedding_dropout=0.1, local_conv_size=3)
     config.save_pretrained(tmp_path)
     reloaded = AutoConfig.from_pretrained(tmp_path)
-    assert (reloaded.spectral_proj_multiplier, reloaded.spectral_proj_init_std, reloaded.embedding_dropout) == (30.0, 5e-3, 0.1)
+    assert (reloaded.spectral_proj_multiplier, reloaded.spectral_proj_init_std, reloaded.embedding_dropout,
+            reloaded.local_conv_size) == (30.0, 5e-3, 0.1, 3)
 
 
 # --- bad input ------------------------------------------------------------------------------------------
@@ -385,7 +396,9 @@ def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
      (dict(spectral_chunk_mb=0), "spectral_chunk_mb must be a positive number of megabytes, got 0"),
      (dict(spectral_proj_multiplier=-1.0), "spectral_proj_multiplier must be a positive number, got -1.0"),
      (dict(spectral_proj_init_std=True), "spectral_proj_init_std must be a positive number, got True"),
-     (dict(embedding_dropout="0.1"), r"embedding_dropout must be a number in \[0, 1\), got '0.1'")],
+     (dict(embedding_dropout="0.1"), r"embedding_dropout must be a number in \[0, 1\), got '0.1'"),
+     (dict(local_conv_size=-1), r"local_conv_size must be an integer >= 0 \(0: no local convolution\), got -1"),
+     (dict(local_conv_size=2.0), "local_conv_size must be an integer >= 0")],
 )
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
