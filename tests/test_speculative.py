@@ -78,7 +78,11 @@ def test_prompt_lookup_decoding_gives_the_tokens_of_plain_decoding(lm):
     assert set(budgets) == {8} and len(budgets) < NEW_TOKENS
 
 
-def test_self_speculative_sampling_keeps_the_full_budget_distribution(lm):
+def test_self_speculative_sampling_keeps_the_full_budget_distribution():
+    # Without the local convolution, a budget-independent path that in this random model brings budget 2 within a
+    # total variation of 0.25 of the full budget, too close to tell which distribution the samples follow.
+    torch.manual_seed(0)
+    lm = ESSSMForCausalLM(tiny_config(initializer_range=0.1, local_conv_size=0)).eval()
     # The first new token is forced, so the second is the first one drafted: at budget 2 on the full budget's history
     # of the prompt, as the draft does, then accepted or resampled by speculative sampling. Its frequencies must follow
     # the full budget's distribution p, not the draft's q, a total variation of 0.5 away from it; 400 draws estimate
