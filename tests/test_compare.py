@@ -138,6 +138,8 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
             "learning rate 0.003, 2 torch thread(s)." in page)
     assert "ES-SSM at full budget (40.0%) at least matches the Transformer (37.0%): met" in page
     assert "ES-SSM at k=4 is 27.0 points above the ablation at k=4 (target at least 10): met" in page
+    assert "ES-SSM at k=4 keeps 97.5% of its full-budget accuracy (target 95%): met" in page
+    assert "ES-SSM at k=2 keeps 75.0% of its full-budget accuracy (target 85%): missed" in page
     for task in ("text", "image", "audio", "lm"):
         assert f"Not yet run. Run `OMP_NUM_THREADS=1 essm-compare configs/bench/{task}.yaml`" in page
     assert (docs_dir / "results_listops.png").read_bytes().startswith(b"\x89PNG")
@@ -163,3 +165,22 @@ def test_models_of_a_task_compare_on_data_training_and_recipe_not_architecture()
     llama["settings"]["run_config"]["recipe"] = {}
     llama["settings"]["run_config"]["training"]["learning_rate"] = 0.001
     assert build_results.comparable_settings(essm) != build_results.comparable_settings(llama)
+
+
+def test_language_model_targets_are_checked_in_bits_per_byte():
+    def lm_result(value, budgets=None):
+        return {"metric": "bits_per_byte", "bits_per_byte": value,
+                "budgets": budgets and [{"budget": k, "bits_per_byte": v} for k, v in budgets.items()]}
+
+    checks = build_results.target_checks({
+        "essm": lm_result(2.50, {2: 2.75, 4: 2.60, 11: 2.50}),
+        "essm-fixed": lm_result(2.40, {2: 4.00, 4: 3.00, 11: 2.40}),
+        "llama": lm_result(2.40),
+    })
+    assert checks == [
+        "ES-SSM at full budget is 0.100 bits per byte behind the Transformer (target at most 0.18): met",
+        "ES-SSM at k=4 is 4.0% above its full-budget bits per byte (target within 5%): met",
+        "ES-SSM at k=2 is 10.0% above its full-budget bits per byte (target within 12%): met",
+        "ES-SSM at k=4 is 0.400 bits per byte below the ablation at k=4 (target at least 0.5): missed",
+        "largest loss of the ES-SSM curve as the budget grows: 0.000 bits per byte (monotone up to noise when small)",
+    ]
