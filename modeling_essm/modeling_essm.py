@@ -2,7 +2,7 @@
 
 Each block convolves its input with fixed spectral filters (the top eigenvectors of a Hankel
 matrix), mixes the K filtered copies with learned D x D projections through a per-token gate,
-and adds a learned skip. A forward pass at spectral budget k uses only the first k channels:
+and adds a learned skip and a short local convolution. A forward pass at spectral budget k uses only the first k channels:
 the gate renormalises over them and the others are never computed, so one trained model runs
 at any k in [min_spectral_budget, K].
 """
@@ -112,9 +112,11 @@ class ESSSMSpectralBasis(nn.Module):
 
 
 class ESSSMSpectralMixer(nn.Module):
-    """The sequence mixer of one block (the ES-SSM paper's spectral mixer).
+    """The sequence mixer of one block: the ES-SSM paper's spectral mixer plus a local convolution.
 
-        y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) D
+        y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) D  +  (w * u)(t)
+
+    where w * u is depthwise and causal over the last `local_conv_size` inputs (0 drops it: the paper's mixer).
 
     gate_in, gate_out: the gate MLP D -> gate_hidden_size -> K, whose logits are cut to the first k,
         rescaled to unit RMS and softmaxed over those k only (the same rule at every budget);

@@ -71,6 +71,23 @@ def test_every_target_is_adapted_and_merging_keeps_the_outputs_at_every_budget(c
     assert_merged_equals_adapted(adapted, merged_model, x)
 
 
+def test_the_local_convolution_trains_in_full_through_modules_to_save(causal_lm):
+    x = tokens()
+    with torch.no_grad():
+        base = causal_lm(input_ids=x).logits
+    adapted_model = lora(causal_lm, init_lora_weights=True, target_parameters=None, modules_to_save=["local_conv"])
+    trainable = [name for name, parameter in adapted_model.named_parameters() if parameter.requires_grad]
+    assert sum("local_conv" in name for name in trainable) == 2 * causal_lm.config.num_hidden_layers  # weight, bias
+    with torch.no_grad():
+        for module in adapted_model.modules():
+            if isinstance(module, peft.utils.ModulesToSaveWrapper):
+                module.modules_to_save["default"].weight.add_(0.5)
+        adapted = adapted_model(input_ids=x).logits
+    assert (adapted - base).abs().max() > 1e-3  # the trained copy is the one the forward uses
+    with torch.no_grad():
+        torch.testing.assert_close(adapted_model.merge_and_unload()(input_ids=x).logits, adapted)
+
+
 def test_gate_out_as_a_lora_module(causal_lm):
     x = tokens()
     adapted_model = lora(causal_lm, target_modules=["gate_out"], target_parameters=None)
