@@ -159,8 +159,9 @@ class BudgetSamplingCallback(TrainerCallback):
 
     The budget is drawn from ``(seed, state.global_step)`` in ``on_step_begin`` and passed to the model's
     forward through a forward pre-hook, so all micro-batches of a gradient-accumulation step and all DDP
-    ranks use the same budget. The hook is removed in ``on_step_end``: evaluation runs at the full budget,
-    or at whatever ``spectral_budget`` the evaluation code passes. The budget never touches ``model.config``
+    ranks use the same budget. The hook is removed in ``on_step_end``: evaluation runs at the model's default
+    budget (``config.spectral_budget``, the full K unless set), or at whatever ``spectral_budget`` the
+    evaluation code passes. The budget never touches ``model.config``
     (it would be saved with the checkpoint).
 
     The number of steps run at each budget since the previous log is added to the Trainer's logs (and

@@ -31,6 +31,10 @@ class ESSSMConfig(PreTrainedConfig):
         num_spectral_filters (`int`, defaults to 32): the full spectral budget K.
         max_position_embeddings (`int`, defaults to 4096): filter length L, the longest sequence.
         min_spectral_budget (`int`, defaults to 2): smallest budget the model accepts.
+        spectral_budget (`int`, *optional*): the budget the model runs at when a call passes none (None: the
+            full K). Pipelines, `Trainer.evaluate` and any other code that calls the model without the argument
+            use it; a call's `spectral_budget` still wins, and so do the draws of budget-dropout training. Saved
+            with the model; `from_pretrained(path, spectral_budget=k)` sets it at load time.
         intermediate_size (`int`, *optional*): feed-forward width; `None` means 4 * D, `0` disables the feed-forward.
         gate_hidden_size (`int`, *optional*): hidden width of the gate MLP; `None` means D // 2.
         gate_bias_init (`float`, defaults to -2.0): initial bias of the gate logits.
@@ -74,6 +78,7 @@ class ESSSMConfig(PreTrainedConfig):
         num_spectral_filters: int = 32,
         max_position_embeddings: int = 4096,
         min_spectral_budget: int = 2,
+        spectral_budget: int | None = None,
         intermediate_size: int | None = None,
         gate_hidden_size: int | None = None,
         gate_bias_init: float = -2.0,
@@ -102,6 +107,7 @@ class ESSSMConfig(PreTrainedConfig):
         self.num_spectral_filters = num_spectral_filters
         self.max_position_embeddings = max_position_embeddings
         self.min_spectral_budget = min_spectral_budget
+        self.spectral_budget = spectral_budget
         self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         self.gate_hidden_size = max(1, hidden_size // 2) if gate_hidden_size is None else gate_hidden_size
         self.gate_bias_init = gate_bias_init
@@ -138,6 +144,14 @@ class ESSSMConfig(PreTrainedConfig):
                 f"min_spectral_budget must be in [1, num_spectral_filters={self.num_spectral_filters}], "
                 f"got {self.min_spectral_budget}."
             )
+        budget = self.spectral_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                                   or not self.min_spectral_budget <= budget <= self.num_spectral_filters):
+            raise ValueError(
+                f"spectral_budget (the model's default budget) must be None (the full budget) or an integer in "
+                f"[{self.min_spectral_budget}, {self.num_spectral_filters}] (min_spectral_budget to "
+                f"num_spectral_filters), got {budget!r}."
+            )
         if self.num_spectral_filters > self.max_position_embeddings:
             raise ValueError(
                 f"num_spectral_filters ({self.num_spectral_filters}) cannot exceed "
@@ -166,7 +180,10 @@ class ESSSMConfig(PreTrainedConfig):
     def from_dict(cls, config_dict, **kwargs):
         # A saved config without these fields predates them: its weights were trained with these values.
         config_dict = {**FIELDS_BEFORE_THEY_EXISTED, **config_dict}
-        return super().from_dict(config_dict, **kwargs)
+        loaded = super().from_dict(config_dict, **kwargs)
+        # Keyword arguments, such as from_pretrained(path, spectral_budget=4), are set after __init__ validated.
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._validate_essm_fields()
+        return loaded
 
 
 __all__ = ["ESSSMConfig"]

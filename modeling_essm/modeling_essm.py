@@ -29,20 +29,24 @@ from .speculative_essm import DEFAULT_DRAFT_TOKENS, ESSSMDraftCandidateGenerator
 
 
 def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int:
-    """The budget of one call: `None` means the full K; anything else must be an integer in range."""
+    """The budget of one call: `None` means the model's default (`config.spectral_budget`, itself None for the
+    full K); anything else must be an integer in range."""
     low, high = config.min_spectral_budget, config.num_spectral_filters
-    valid = f"an integer in [{low}, {high}] (min_spectral_budget to num_spectral_filters) or None for {high}"
+    name = "spectral_budget"
     if spectral_budget is None:
-        return high
+        spectral_budget, name = config.spectral_budget, "config.spectral_budget (the model's default budget)"
+        if spectral_budget is None:
+            return high
+    valid = f"an integer in [{low}, {high}] (min_spectral_budget to num_spectral_filters) or None for the default"
     if isinstance(spectral_budget, torch.Tensor):
         if spectral_budget.numel() != 1 or spectral_budget.is_floating_point() or spectral_budget.is_complex():
-            raise ValueError(f"spectral_budget must be {valid}; got a tensor {spectral_budget!r}.")
+            raise ValueError(f"{name} must be {valid}; got a tensor {spectral_budget!r}.")
         spectral_budget = spectral_budget.item()
     if isinstance(spectral_budget, bool) or not isinstance(spectral_budget, numbers.Integral):
-        raise ValueError(f"spectral_budget must be {valid}; got {spectral_budget!r} of type "
+        raise ValueError(f"{name} must be {valid}; got {spectral_budget!r} of type "
                          f"{type(spectral_budget).__name__}.")
     if not low <= spectral_budget <= high:
-        raise ValueError(f"spectral_budget must be {valid}; got {spectral_budget}.")
+        raise ValueError(f"{name} must be {valid}; got {spectral_budget}.")
     return int(spectral_budget)
 
 
@@ -319,6 +323,8 @@ class ESSSMPreTrainedModel(PreTrainedModel):
         config = copy.deepcopy(self.config)
         config.num_spectral_filters = budget
         config.min_spectral_budget = min(config.min_spectral_budget, budget)
+        if config.spectral_budget is not None and config.spectral_budget > budget:  # the slice's full budget instead
+            config.spectral_budget = None
         sliced = type(self)(config).to(device=self.device, dtype=self.dtype)
         source = self.state_dict()
         state = {
