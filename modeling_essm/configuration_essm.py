@@ -1,6 +1,9 @@
 """Configuration of Elastic Spectral State Space Models (ES-SSM)."""
 
+import difflib
+import inspect
 import math
+import warnings
 
 from transformers import PreTrainedConfig
 
@@ -15,6 +18,11 @@ ESSM_AUTO_MAP = {
 
 # The behaviour of checkpoints saved before a field was added; `from_dict` (and so `from_pretrained`) fills them in.
 FIELDS_BEFORE_THEY_EXISTED = {"spectral_proj_multiplier": 1.0, "spectral_proj_init_std": 0.02, "local_conv_size": 0}
+
+
+def check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ESSSMConfig.{name} must be a positive integer, got {value!r}.")
 
 
 class ESSSMConfig(PreTrainedConfig):
@@ -108,6 +116,7 @@ class ESSSMConfig(PreTrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.min_spectral_budget = min_spectral_budget
         self.spectral_budget = spectral_budget
+        check_positive_int("hidden_size", hidden_size)  # the defaults below are derived from it
         self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         self.gate_hidden_size = max(1, hidden_size // 2) if gate_hidden_size is None else gate_hidden_size
         self.gate_bias_init = gate_bias_init
@@ -129,16 +138,25 @@ class ESSSMConfig(PreTrainedConfig):
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
         kwargs.setdefault("auto_map", dict(ESSM_AUTO_MAP))
+        self._warn_about_likely_typos(kwargs)
         super().__init__(**kwargs)
         self._validate_essm_fields()
+
+    @classmethod
+    def _warn_about_likely_typos(cls, extra_fields) -> None:
+        """transformers configs keep unknown keys as attributes, so a misspelled field would be ignored silently."""
+        known = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"})
+        for name in extra_fields:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            if close:
+                warnings.warn(f"ESSSMConfig got the unknown field {name!r}: did you mean {close[0]!r}? It is kept as an "
+                              "extra attribute, which the model does not read.", UserWarning, stacklevel=3)
 
     def _validate_essm_fields(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_spectral_filters",
                     "max_position_embeddings", "min_spectral_budget", "gate_hidden_size", "spectral_chunk_size")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ESSSMConfig.{name} must be a positive integer, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
         if not 1 <= self.min_spectral_budget <= self.num_spectral_filters:
             raise ValueError(
                 f"min_spectral_budget must be in [1, num_spectral_filters={self.num_spectral_filters}], "
@@ -167,10 +185,15 @@ class ESSSMConfig(PreTrainedConfig):
             raise ValueError(f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}.")
         for name, meaning in (("spectral_chunk_mb", "a positive number of megabytes"),
                               ("spectral_proj_multiplier", "a positive number"),
-                              ("spectral_proj_init_std", "a positive number")):
+                              ("spectral_proj_init_std", "a positive number"),
+                              ("layer_norm_eps", "a positive number"),
+                              ("initializer_range", "a positive number")):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be {meaning}, got {value!r}.")
+        gate_bias = self.gate_bias_init
+        if not isinstance(gate_bias, (int, float)) or isinstance(gate_bias, bool) or not math.isfinite(gate_bias):
+            raise ValueError(f"gate_bias_init must be a finite number, got {gate_bias!r}.")
         for name in ("embedding_dropout", "hidden_dropout", "drop_path_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:

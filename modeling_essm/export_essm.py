@@ -42,7 +42,9 @@ class RealArithmeticMixer(nn.Module):
         super().__init__()
         self.mixer = mixer
 
-    def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int, cache_layer=None,
+                spectral_basis=None) -> torch.Tensor:
+        # The block passes its cache layer along; ESSSMAtBudget never makes a cache, so it is always None here.
         seq_len = u.shape[1]
         n_fft = 2 * (filter_spectrum.shape[0] - 1)
         u_spectrum = torch.view_as_real(torch.fft.rfft(u.float(), n=n_fft, dim=1))  # (B, F, D, 2)

@@ -83,8 +83,10 @@ class ESSSMSpectralBasis(nn.Module):
     def __init__(self, config: ESSSMConfig):
         super().__init__()
         # Filled by `_init_weights` for a new model, by the checkpoint when loading.
-        self.register_buffer("eigenvalues", torch.empty(config.num_spectral_filters))  # (K,)
-        self.register_buffer("filters", torch.empty(config.max_position_embeddings, config.num_spectral_filters))
+        # float32 whatever the default dtype, as `_keep_in_fp32_modules_strict` promises transformers.
+        self.register_buffer("eigenvalues", torch.empty(config.num_spectral_filters, dtype=torch.float32))  # (K,)
+        self.register_buffer("filters", torch.empty(config.max_position_embeddings, config.num_spectral_filters,
+                                                    dtype=torch.float32))  # (L, K)
 
     def scaled_filters(self, length: int, spectral_budget: int) -> torch.Tensor:
         """The first `length` taps of the first `spectral_budget` filters, times sigma^(1/4): (length, k) float32."""
@@ -138,7 +140,7 @@ class ESSSMSpectralMixer(nn.Module):
         hidden, num_filters = config.hidden_size, config.num_spectral_filters
         self.gate_in = nn.Linear(hidden, config.gate_hidden_size)
         self.gate_out = nn.Linear(config.gate_hidden_size, num_filters)
-        self.spectral_proj = nn.Parameter(torch.empty(num_filters, hidden, hidden))
+        self.spectral_proj = nn.Parameter(torch.empty(num_filters, hidden, hidden, dtype=torch.float32))  # fp32 always
         self.skip_proj = nn.Linear(hidden, hidden, bias=False)
         self.local_conv_size = config.local_conv_size
         # Padded by hand in `local_mixing`, so that a cached step can prepend the inputs before it instead of zeros.
@@ -159,7 +161,23 @@ class ESSSMSpectralMixer(nn.Module):
         """The effective M_first..M_(last-1): (last - first, D, D)."""
         return self.spectral_proj_multiplier * self.spectral_proj[first:last]
 
-    def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, filter_spectrum: torch.Tensor | None, spectral_budget: int, cache_layer=None,
+                spectral_basis: ESSSMSpectralBasis | None = None) -> torch.Tensor:
+        """Mixer outputs (B, T, D) for inputs u (B, T, D); the one entry point, so that adapters wrapping the mixer
+        (peft's `target_parameters`) see every path.
+
+        Without a cache, or with an empty one, the whole sequence at once from `filter_spectrum` (see
+        `ESSSMSpectralBasis.filter_spectrum`), recorded in `cache_layer` when given; a cache with a history is
+        continued by `step`, which convolves through `spectral_basis` instead.
+        """
+        if cache_layer is not None and cache_layer.get_seq_length() > 0:
+            return self.step(u, cache_layer, spectral_basis, spectral_budget)
+        y = self.whole_sequence(u, filter_spectrum, spectral_budget)
+        if cache_layer is not None:
+            cache_layer.append(u)
+        return y
+
+    def whole_sequence(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         seq_len = u.shape[1]
         n_fft = 2 * (filter_spectrum.shape[-1] - 1)
         weights = self.gate(u, spectral_budget).transpose(1, 2)  # (B, k, T)
@@ -278,12 +296,7 @@ class ESSSMBlock(GradientCheckpointingLayer):
         if padding_mask is not None:
             u = u * padding_mask  # padded positions must not leak into later positions through the convolution
         cache_layer = cache.layers[self.layer_idx] if cache is not None else None
-        if cache_layer is not None and cache_layer.get_seq_length() > 0:  # continuing a cached history
-            mixed = self.mixer.step(u, cache_layer, spectral_basis, spectral_budget)
-        else:
-            mixed = self.mixer(u, filter_spectrum, spectral_budget)
-            if cache_layer is not None:
-                cache_layer.append(u)
+        mixed = self.mixer(u, filter_spectrum, spectral_budget, cache_layer=cache_layer, spectral_basis=spectral_basis)
         hidden_states = hidden_states + self.drop_path(self.dropout(mixed))
         if self.ffn is not None:
             hidden_states = hidden_states + self.drop_path(self.ffn(self.ffn_norm(hidden_states)))

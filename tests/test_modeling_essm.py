@@ -398,11 +398,33 @@ def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
      (dict(spectral_proj_init_std=True), "spectral_proj_init_std must be a positive number, got True"),
      (dict(embedding_dropout="0.1"), r"embedding_dropout must be a number in \[0, 1\), got '0.1'"),
      (dict(local_conv_size=-1), r"local_conv_size must be an integer >= 0 \(0: no local convolution\), got -1"),
-     (dict(local_conv_size=2.0), "local_conv_size must be an integer >= 0")],
+     (dict(local_conv_size=2.0), "local_conv_size must be an integer >= 0"),
+     (dict(hidden_size="big"), "hidden_size must be a positive integer, got 'big'"),
+     (dict(layer_norm_eps=0), "layer_norm_eps must be a positive number, got 0"),
+     (dict(initializer_range="0.02"), "initializer_range must be a positive number"),
+     (dict(gate_bias_init=float("nan")), "gate_bias_init must be a finite number, got nan")],
 )
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_a_misspelled_field_warns_with_the_field_it_probably_meant():
+    with pytest.warns(UserWarning, match="unknown field 'hiden_size': did you mean 'hidden_size'"):
+        config = tiny_config(hiden_size=4)
+    assert config.hidden_size == 32  # kept aside, as transformers keeps extra keys, not applied
+
+
+def test_fields_kept_in_float32_are_float32_under_another_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = ESSSMForCausalLM(tiny_config())
+    finally:
+        torch.set_default_dtype(default)
+    basis, mixer = model.model.spectral_basis, model.model.layers[0].mixer
+    assert basis.filters.dtype == basis.eigenvalues.dtype == mixer.spectral_proj.dtype == torch.float32
+    assert mixer.gate_in.weight.dtype == torch.bfloat16
 
 
 # --- save, load, remote code ----------------------------------------------------------------------------

@@ -141,3 +141,18 @@ def test_lora_fine_tune_with_the_trainer_and_the_budget_callback(tmp_path):
     x = torch.randint(1, 16, (2, 20))
     adapted = logits_at_every_budget(adapted_model, x, high=NUM_FILTERS)
     assert_merged_equals_adapted(adapted, merge_lora(adapted_model), x, high=NUM_FILTERS)
+
+
+@pytest.mark.parametrize("target_parameters", [None, TARGET_PARAMETERS], ids=["linear-layers", "and-spectral-proj"])
+def test_cached_generation_of_an_adapted_model_equals_its_uncached_forward(target_parameters):
+    torch.manual_seed(0)
+    adapted = lora(ESSSMForCausalLM(tiny_config()).eval(), target_parameters=target_parameters)
+    prompt = tokens(1, 12)
+    with torch.no_grad():
+        generated = adapted.generate(input_ids=prompt, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                     spectral_budget=6)
+        expected = prompt
+        for _ in range(8):  # greedy decoding by whole-sequence forwards, no cache
+            next_token = adapted(input_ids=expected, spectral_budget=6).logits[:, -1:].argmax(-1)
+            expected = torch.cat([expected, next_token], 1)
+    assert torch.equal(generated, expected)
