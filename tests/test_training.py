@@ -155,3 +155,19 @@ def test_the_paper_reference_config_trains_at_a_reduced_length(tmp_path):
     assert any(type(callback).__name__ == "EMACallback" for callback in trainer.callback_handler.callbacks)
     assert trainer.lr_scheduler.lr_lambdas[0](2) == pytest.approx(0.1, abs=0.02)  # cosine ends at 10% of the peak
     assert math.isfinite(metrics["eval_bits_per_byte"])
+
+
+def test_the_same_config_and_seed_give_identical_weights_and_logs(tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        path = write_config(folder, training={"max_steps": 4, "logging_steps": 1, "seed": 3, "disable_tqdm": True},
+                            model={"hidden_dropout": 0.1})  # dropout draws random numbers at every step too
+        trainer, _ = train(load_run_config(path))
+        logs = [{key: value for key, value in entry.items() if "runtime" not in key and "per_second" not in key}
+                for entry in trainer.state.log_history]
+        runs.append((trainer.model.state_dict(), logs))
+    (first_weights, first_logs), (second_weights, second_logs) = runs
+    assert first_logs == second_logs
+    assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
