@@ -47,6 +47,12 @@ def embedding_parameters(model: nn.Module) -> set[int]:
     return {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
 
 
+def without_embeddings(model: nn.Module, names) -> list[str]:
+    """The parameters named in `names` that are not an embedding table (nor a head tied to one)."""
+    embeddings = embedding_parameters(model)
+    return [name for name, parameter in model.named_parameters() if name in names and id(parameter) not in embeddings]
+
+
 def distillation_loss(student_logits, teacher_logits, labels, causal_lm: bool, num_items_in_batch=None):
     """KL(teacher || student) over the predictions the task loss scores: every row, or every labelled next token.
 
@@ -100,10 +106,7 @@ class ESSSMTrainer(Trainer):
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)
-        if self.decay_embeddings:
-            return names
-        embeddings = embedding_parameters(model)
-        return [name for name, parameter in model.named_parameters() if name in names and id(parameter) not in embeddings]
+        return names if self.decay_embeddings else without_embeddings(model, names)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.sandwich is None or not model.training:

@@ -47,7 +47,7 @@ def test_weight_decay_groups(tmp_path, decay_embeddings):
     lr_of = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
     for name, parameter in model.named_parameters():
         matrix = name.endswith(("spectral_proj", "proj.weight", "gate_in.weight", "gate_out.weight", "fc_in.weight",
-                                "fc_out.weight"))
+                                "fc_out.weight", "local_conv.weight"))
         embedding = name == "model.embed_tokens.weight"
         expected = 0.03 if matrix or (embedding and decay_embeddings) else 0.0
         assert decay_of[id(parameter)] == expected, name
