@@ -415,6 +415,23 @@ def test_a_misspelled_field_warns_with_the_field_it_probably_meant():
     assert config.hidden_size == 32  # kept aside, as transformers keeps extra keys, not applied
 
 
+@pytest.mark.parametrize("empty", ["torch-meta-device", "accelerate-init-empty-weights"])
+def test_a_model_built_without_memory_gets_the_ordinary_basis_when_initialised(empty):
+    ordinary = ESSSMForCausalLM(tiny_config()).model.spectral_basis
+    if empty == "torch-meta-device":
+        with torch.device("meta"):
+            model = ESSSMForCausalLM(tiny_config())
+    else:
+        accelerate = pytest.importorskip("accelerate")
+        with accelerate.init_empty_weights(include_buffers=True):
+            model = AutoModelForCausalLM.from_config(tiny_config())
+    assert model.model.spectral_basis.filters.is_meta
+    model.to_empty(device="cpu")
+    model.init_weights()
+    basis = model.model.spectral_basis
+    assert torch.equal(basis.filters, ordinary.filters) and torch.equal(basis.eigenvalues, ordinary.eigenvalues)
+
+
 def test_fields_kept_in_float32_are_float32_under_another_default_dtype():
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
