@@ -13,7 +13,7 @@ from .modeling_essm import (
     resolve_spectral_budget,
 )
 from .spectral_filters import num_filters_for_length
-from .tokenization_essm import ESSSMTokenizer
+from .tokenization_essm import ESSSMTokenizer, build_fast_tokenizer
 
 AutoConfig.register("essm", ESSSMConfig)
 AutoModel.register(ESSSMConfig, ESSSMModel)
@@ -38,6 +38,7 @@ __all__ = [
     "ESSSMForCausalLM",
     "ESSSMForSequenceClassification",
     "ESSSMTokenizer",
+    "build_fast_tokenizer",
     "num_filters_for_length",
     "resolve_spectral_budget",
 ]

@@ -20,7 +20,8 @@ a causal LM's per-token mean weighs the ranks' tokens alike only when they hold 
 Writes `log.jsonl` (loss, learning rate, and the budget every rank ran, at each logging step),
 `checkpoint-<step>/` every save_steps and at the end unless save_strategy is "no" (sharded model and
 optimizer through torch.distributed.checkpoint, for `--resume`, which may also train on to a larger max_steps),
-and at the end the model as an ordinary `save_pretrained` folder with its run config.
+and at the end the model as an ordinary `save_pretrained` folder with its run config (and the byte tokenizer
+for text and LM tasks).
 """
 
 import argparse
@@ -41,7 +42,7 @@ from .cli import add_override_argument
 from .tasks import load_task
 from .trainer import without_embeddings
 from .training import build_model_config, build_sampler, build_training_arguments, collator_for, load_run_config, \
-    model_class_for, save_run_config
+    model_class_for, save_run_config, save_tokenizer_for
 
 LOG_NAME = "log.jsonl"
 # The Trainer's rule for parameters without weight decay (Trainer.get_decay_parameter_names).
@@ -182,6 +183,7 @@ def train_sharded(run_config, resume=False):
         plain.load_state_dict(state)
         plain.save_pretrained(output_dir)
         save_run_config(run_config, output_dir)
+        save_tokenizer_for(task, output_dir)
     dist.barrier()
     return log
 

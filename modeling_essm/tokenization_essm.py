@@ -1,13 +1,33 @@
 """Byte-level tokenizer of ES-SSM: token id = UTF-8 byte value (0-255), then pad 256, bos 257 and eos 258.
 
 The ids match ESSSMConfig's defaults and the byte-level tasks, which train on plain bytes: nothing is added
-around a text unless asked for. No vocabulary file is needed, so it works offline and a saved model folder
-carries it (tokenizer_config.json, plus this file for remote code).
+around a text unless asked for. No vocabulary file is needed, so it works offline.
+
+Two forms with the same ids: `build_fast_tokenizer()`, a `tokenizers` (Rust) tokenizer saved as tokenizer.json,
+which a plain `AutoTokenizer.from_pretrained(folder)` loads without remote code (what the training and push
+commands save), and `ESSSMTokenizer`, the Python class, which loads through remote code.
 """
 
-from transformers import AddedToken, PreTrainedTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AddedToken, PreTrainedTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 NUM_BYTES = 256
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 256, 257, 258
+
+
+def build_fast_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte tokenizer in Rust: the same ids and decoding as `ESSSMTokenizer`, loadable without remote code."""
+    # tokenizers' ByteLevel pre-tokenizer spells byte b as the printable character bytes_to_unicode()[b];
+    # a vocabulary mapping that character back to b makes every id the byte value.
+    vocabulary = {character: byte for byte, character in bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS.values()])
+    # Left padding for decoder-only models; a text is always its bytes ("</s>" typed in a text is five bytes).
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", split_special_tokens=True,
+                                   **SPECIAL_TOKENS)
 
 
 class ESSSMTokenizer(PreTrainedTokenizer):
@@ -15,7 +35,8 @@ class ESSSMTokenizer(PreTrainedTokenizer):
 
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left",
+    def __init__(self, pad_token=SPECIAL_TOKENS["pad_token"], bos_token=SPECIAL_TOKENS["bos_token"],
+                 eos_token=SPECIAL_TOKENS["eos_token"], padding_side="left",
                  split_special_tokens=True, **kwargs):
         # The specials sit right after the bytes, at the ids the model config expects. Decoder-only models pad on the
         # left, and a text is always its bytes: "</s>" typed in a text is five bytes, not the eos token.
@@ -52,4 +73,4 @@ class ESSSMTokenizer(PreTrainedTokenizer):
         return ()  # the vocabulary is the 256 byte values
 
 
-__all__ = ["ESSSMTokenizer"]
+__all__ = ["ESSSMTokenizer", "build_fast_tokenizer"]

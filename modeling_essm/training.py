@@ -30,7 +30,8 @@ from transformers import TrainingArguments, set_seed
 from .budget import BudgetSampler, BudgetSamplingCallback
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification
-from .tasks import load_task, task_fields
+from .tasks import BYTE_VOCAB_SIZE, load_task, task_fields
+from .tokenization_essm import build_fast_tokenizer
 from .trainer import EMACallback, ESSSMTrainer, SandwichRule
 
 
@@ -123,7 +124,7 @@ def check_run_config(config, source="run config"):
     if set_by_task:
         raise ValueError(f"{source}: model fields {set_by_task} come from the task's data; remove them")
     config["recipe"] = check_recipe(config["recipe"], source)
-    # ESSSMConfig keeps unknown keyword arguments silently, so a typo would be ignored.
+    # ESSSMConfig only warns about unknown keyword arguments (transformers configs keep them): refuse them here.
     defaults = ESSSMConfig()
     unknown_fields = sorted(name for name in config["model"] if not hasattr(defaults, name))
     if unknown_fields:
@@ -144,6 +145,13 @@ def check_recipe(recipe, source):
     if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
         raise ValueError(f"{source}: recipe.ema_decay must be null or a number in (0, 1), got {decay!r}")
     return recipe
+
+
+def save_tokenizer_for(task, output_dir):
+    """Byte-level tasks (text, LM) save the byte tokenizer beside the model: the folder then works as it is,
+    with a plain AutoTokenizer, for generate, pipelines and a Hub push."""
+    if task.vocab_size == BYTE_VOCAB_SIZE:
+        build_fast_tokenizer().save_pretrained(output_dir)
 
 
 def save_run_config(config, output_dir):
@@ -317,6 +325,7 @@ def train(run_config, resume_from_checkpoint=None, build_model=None):
         trainer.save_metrics("eval", metrics)
         trainer.save_state()
         save_run_config(run_config, output_dir)
+        save_tokenizer_for(task, output_dir)
         counts = budget_counts(trainer.state.log_history)
         if counts:  # a baseline has no budgets
             print("steps per training budget: " + ", ".join(f"k={k}: {n}" for k, n in counts.items()))

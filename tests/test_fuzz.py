@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from modeling_essm import ESSSMForCausalLM
 
 K, L = 16, 128  # num_spectral_filters and max_position_embeddings of tiny_config
-FAST_EXAMPLES, SLOW_EXAMPLES = 12, 600
+FAST_EXAMPLES, SLOW_EXAMPLES = 40, 5000
 
 torch.manual_seed(0)
 MODELS = {dtype: ESSSMForCausalLM(tiny_config()).eval().to(dtype) for dtype in (torch.float32, torch.bfloat16)}

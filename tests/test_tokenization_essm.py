@@ -1,16 +1,22 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from modeling_essm import ESSSMConfig, ESSSMTokenizer
+from modeling_essm import ESSSMConfig, ESSSMTokenizer, build_fast_tokenizer
 
 TEXTS = ["", "plain ascii", "héllo wörld – ∑ 漢字 🙂", "a\x00b\nc\td", "</s> <pad> <s> typed in text"]
 
 
-@pytest.fixture
-def tokenizer():
-    return ESSSMTokenizer()
+@pytest.fixture(params=["python", "fast"])
+def tokenizer(request):
+    """Both forms: every behaviour below holds for each."""
+    return ESSSMTokenizer() if request.param == "python" else build_fast_tokenizer()
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -39,7 +45,8 @@ def test_a_cut_multibyte_character_decodes_to_the_replacement_character(tokenize
     assert tokenizer.decode(list("é".encode("utf-8"))[:1] + [97]) == "\ufffda"
 
 
-def test_saved_tokenizer_reloads_through_auto_tokenizer_with_its_code(tokenizer, tmp_path):
+def test_saved_python_tokenizer_reloads_through_auto_tokenizer_with_its_code(tmp_path):
+    tokenizer = ESSSMTokenizer()
     tokenizer.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert saved["auto_map"]["AutoTokenizer"][0] == "tokenization_essm.ESSSMTokenizer"  # remote code can find it
@@ -49,3 +56,32 @@ def test_saved_tokenizer_reloads_through_auto_tokenizer_with_its_code(tokenizer,
     assert type(reloaded) is ESSSMTokenizer and reloaded.padding_side == "left"
     for text in TEXTS:
         assert reloaded(text).input_ids == tokenizer(text).input_ids
+
+
+SLOW, FAST = ESSSMTokenizer(), build_fast_tokenizer()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.text())
+def test_both_forms_give_the_same_ids_and_text_for_any_text(text):
+    ids = FAST(text).input_ids
+    assert ids == SLOW(text).input_ids
+    assert FAST.decode(ids) == SLOW.decode(ids) == text
+
+
+FAST_LOADER = """
+import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])  # no trust_remote_code, no modeling_essm import
+print(json.dumps([tokenizer(sys.argv[2]).input_ids, tokenizer.padding_side, tokenizer.pad_token_id]))
+"""
+
+
+def test_the_fast_tokenizer_loads_without_remote_code_in_a_clean_process(tmp_path):
+    build_fast_tokenizer().save_pretrained(tmp_path)
+    assert not (tmp_path / "tokenization_essm.py").exists()
+    text = "héllo </s> 🙂"
+    result = subprocess.run([sys.executable, "-c", FAST_LOADER, str(tmp_path), text], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [list(text.encode("utf-8")), "left", 256]

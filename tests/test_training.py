@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import Trainer
+from transformers import AutoTokenizer, Trainer
 
 from modeling_essm.tasks import TaskData
 from modeling_essm.training import (
@@ -155,6 +155,8 @@ def test_the_paper_reference_config_trains_at_a_reduced_length(tmp_path):
     assert any(type(callback).__name__ == "EMACallback" for callback in trainer.callback_handler.callbacks)
     assert trainer.lr_scheduler.lr_lambdas[0](2) == pytest.approx(0.1, abs=0.02)  # cosine ends at 10% of the peak
     assert math.isfinite(metrics["eval_bits_per_byte"])
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "paper")  # saved beside the LM, no remote code needed
+    assert tokenizer("To be").input_ids == list(b"To be")
 
 
 def test_the_same_config_and_seed_give_identical_weights_and_logs(tmp_path):
@@ -170,4 +172,6 @@ def test_the_same_config_and_seed_give_identical_weights_and_logs(tmp_path):
         runs.append((trainer.model.state_dict(), logs))
     (first_weights, first_logs), (second_weights, second_logs) = runs
     assert first_logs == second_logs
+    saved = tmp_path / "first" / "run"
+    assert (saved / "config.json").exists() and not (saved / "tokenizer.json").exists()  # ListOps tokens are not bytes
     assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
