@@ -1,8 +1,20 @@
 """Console entry points: `essm-train` and `essm-eval-budgets`."""
 
 import argparse
+import contextlib
 import shlex
 import sys
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line(parser):
+    """A bad run config, argument or missing file ends the command with one line and exit status 2."""
+    from .training import RunConfigError
+
+    try:
+        yield
+    except (RunConfigError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 def add_override_argument(parser):
@@ -34,11 +46,13 @@ def train_main(argv=None):
         help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
     )
     args = parser.parse_args(argv)
-    from .cpu_allocator import reuse_freed_memory
+    from .cpu_allocator import reuse_freed_memory_in_command
     from .training import close_process_group, load_run_config, train
 
-    reuse_freed_memory()
-    train(load_run_config(args.config, args.overrides), resume_from_checkpoint=args.resume)
+    with user_errors_in_one_line(parser):
+        run_config = load_run_config(args.config, args.overrides)
+    reuse_freed_memory_in_command()
+    train(run_config, resume_from_checkpoint=args.resume)
     close_process_group()
 
 
@@ -53,10 +67,12 @@ def eval_budgets_main(argv=None):
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N eval examples only")
     parser.add_argument("--output-dir", help="where to write the report (default: model_dir)")
     args = parser.parse_args(argv)
-    from .cpu_allocator import reuse_freed_memory
-    from .evaluation import eval_budgets
+    from .cpu_allocator import reuse_freed_memory_in_command
+    from .evaluation import check_sweep_request, eval_budgets
 
-    reuse_freed_memory()
+    with user_errors_in_one_line(parser):
+        check_sweep_request(args.model_dir, args.budgets)  # before the data and the model load
+    reuse_freed_memory_in_command()
     command = shlex.join(["essm-eval-budgets", *(sys.argv[1:] if argv is None else argv)])
     eval_budgets(
         args.model_dir,

@@ -28,9 +28,9 @@ import transformers
 from torch.utils.data import DataLoader
 
 from .baselines import BASELINES, count_parameters, matched_baseline
-from .cli import add_override_argument
+from .cli import add_override_argument, user_errors_in_one_line
 from .configuration_essm import ESSSMConfig
-from .cpu_allocator import reuse_freed_memory
+from .cpu_allocator import reuse_freed_memory_in_command
 from .evaluation import BudgetStats, eval_budgets, without_labels
 from .training import load_run_config, train
 
@@ -144,12 +144,15 @@ def run_model(run_config, model_name, results_dir, command=None, reuses_freed_me
     return result
 
 
-def compare(config_path, models=MODELS, overrides=(), results_dir=DEFAULT_RESULTS_DIR, command=None):
-    """Train and evaluate each of `models` on the run config at `config_path`; one JSON each."""
+def compare(config_path, models=MODELS, overrides=(), results_dir=DEFAULT_RESULTS_DIR, command=None,
+            reuses_freed_memory=False):
+    """Train and evaluate each of `models` on the run config at `config_path`; one JSON each.
+
+    `reuses_freed_memory` is recorded with the results (the command switches the allocator setting on).
+    """
     check_models(models)
     run_config = load_run_config(config_path, overrides)
-    reuses = reuse_freed_memory()
-    return [run_model(run_config, name, results_dir, command, reuses) for name in models]
+    return [run_model(run_config, name, results_dir, command, reuses_freed_memory) for name in models]
 
 
 def main(argv=None):
@@ -168,4 +171,6 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     command = shlex.join(["essm-compare", *(sys.argv[1:] if argv is None else argv)])
-    compare(args.config, models, args.overrides, args.results_dir, command)
+    with user_errors_in_one_line(parser):
+        load_run_config(args.config, args.overrides)  # every check, before the allocator or any data
+    compare(args.config, models, args.overrides, args.results_dir, command, reuse_freed_memory_in_command())

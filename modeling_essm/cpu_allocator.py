@@ -6,11 +6,15 @@ at every layer and step (FFT spectra, activations), so each one is faulted in an
 kernel again: measured at half of an ES-SSM training step and 44% of the mixer's inference time
 (docs/performance.md). Keeping freed memory on the heap removes that cost for any model, at the
 price of a resident set that stays at its peak. It is process-wide, so the package never changes it
-on import: our commands (essm-train, essm-eval-budgets, essm-compare, scripts/bench_forward.py) switch
-it on, and users can too. Environment equivalent: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
+on import, and no library function does: our commands (essm-train, essm-eval-budgets, essm-compare, the
+benchmark scripts) switch it on for their own process unless ESSM_REUSE_FREED_MEMORY=0, and users can call
+it too. Environment equivalent: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
 """
 
 import ctypes
+import os
+
+OPT_OUT_VARIABLE = "ESSM_REUSE_FREED_MEMORY"
 
 # glibc's mallopt parameters and their defaults (malloc.h, mallopt(3)).
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -39,3 +43,10 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
     if not enabled:
         libc.malloc_trim(0)  # hand back what the reuse setting kept
     return applied
+
+
+def reuse_freed_memory_in_command() -> bool:
+    """What a command calls at its start: `reuse_freed_memory()` unless $ESSM_REUSE_FREED_MEMORY is 0."""
+    if os.environ.get(OPT_OUT_VARIABLE, "1").strip() == "0":
+        return False
+    return reuse_freed_memory()

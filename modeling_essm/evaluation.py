@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .budget import default_budget_grid
+from .configuration_essm import ESSSMConfig
+from .modeling_essm import resolve_spectral_budget
 from .tasks import load_task
-from .training import IGNORE_INDEX, RUN_CONFIG_NAME, collator_for, is_language_model, load_run_config
+from .training import IGNORE_INDEX, RUN_CONFIG_NAME, RunConfigError, collator_for, is_language_model, load_run_config
 
 
 REPORT_NAME = "budget_sweep"
@@ -147,12 +149,25 @@ def write_report(rows, output_dir, settings):
     return paths
 
 
-def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, output_dir=None, command=None):
-    """Sweep the model saved in `model_dir` (a training run's output_dir) over `budgets` (default: the grid)."""
+def check_sweep_request(model_dir, budgets=None):
+    """The checks of `eval_budgets` that need neither the data nor the weights: the folder, and every budget
+    against the saved model's config. Raises FileNotFoundError or RunConfigError."""
     model_dir = Path(model_dir)
     if not (model_dir / RUN_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{model_dir} has no {RUN_CONFIG_NAME}: pass the output_dir of a training run")
-    task_section = dict(load_run_config(model_dir / RUN_CONFIG_NAME)["task"])
+    config = ESSSMConfig.from_pretrained(model_dir)
+    try:
+        for budget in budgets or ():
+            resolve_spectral_budget(budget, config)
+    except ValueError as error:
+        raise RunConfigError(f"--budgets: {error}") from error
+    return load_run_config(model_dir / RUN_CONFIG_NAME)
+
+
+def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, output_dir=None, command=None):
+    """Sweep the model saved in `model_dir` (a training run's output_dir) over `budgets` (default: the grid)."""
+    model_dir = Path(model_dir)
+    task_section = dict(check_sweep_request(model_dir, budgets)["task"])
     task = load_task(task_section.pop("name"), **task_section)
     auto_class = auto_class_for(task)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -65,9 +65,24 @@ def parse_yaml(text):
     return yaml.load(text, Loader=Yaml12Loader)
 
 
+class RunConfigError(ValueError):
+    """A run config that cannot work, found before any data or model is built; commands print it as one line."""
+
+
 def load_run_config(path, overrides=()):
-    """Read a YAML run config and apply `section.key=value` overrides (values parsed as YAML)."""
-    path = Path(path)
+    """Read a YAML run config, apply `section.key=value` overrides (values parsed as YAML) and check every section.
+
+    Raises FileNotFoundError or RunConfigError before any data or model is built.
+    """
+    try:
+        return read_run_config(Path(path), overrides)
+    except FileNotFoundError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise RunConfigError(str(error)) from error
+
+
+def read_run_config(path, overrides):
     if not path.is_file():
         raise FileNotFoundError(f"run config not found: {path}")
     try:
@@ -129,6 +144,10 @@ def check_run_config(config, source="run config"):
     unknown_fields = sorted(name for name in config["model"] if not hasattr(defaults, name))
     if unknown_fields:
         raise ValueError(f"{source}: unknown model fields {unknown_fields}; see ESSSMConfig for the valid ones")
+    # Values, checked now on the fields the task does not set (it sets the vocabulary, labels and length).
+    model_config = ESSSMConfig(**config["model"])
+    build_sampler(config["budget"], model_config)
+    build_training_arguments(config["training"])
     return config
 
 

@@ -3,11 +3,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tiny_trainer import free_port
 from transformers import AutoModelForSequenceClassification
 
-from modeling_essm.cli import train_main
+from modeling_essm import ESSSMConfig
+from modeling_essm.cli import eval_budgets_main, train_main
 from modeling_essm.training import budget_counts
 
 
@@ -94,3 +96,26 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     # 48 examples in batches of 8 per process: 3 steps are one epoch with two processes, half of one with one.
     assert state["global_step"] == 3 and state["epoch"] == 1.0
+
+
+def test_user_errors_end_the_commands_with_one_line_and_status_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {name: listops}\ntraining: {output_dir: out, max_stepz: 3}\n")
+    cases = [
+        (train_main, [str(tmp_path / "missing.yaml")], "essm-train: error: run config not found"),
+        (train_main, [str(bad)], "essm-train: error: invalid training section: "),
+        (train_main, [str(bad), "--set", "training.max_stepz=1", "--set", "model.hidden_size=big"],
+         "essm-train: error: ESSSMConfig.hidden_size must be a positive integer, got 'big'."),
+        (eval_budgets_main, [str(tmp_path)], "essm-eval-budgets: error: " + str(tmp_path) + " has no run_config.yaml"),
+    ]
+    # A model folder's config decides the valid budgets, before the data or the weights load.
+    ESSSMConfig(num_spectral_filters=8).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "run_config.yaml").write_text("task: {name: listops}\ntraining: {output_dir: x}\n")
+    cases.append((eval_budgets_main, [str(tmp_path / "model"), "--budgets", "4", "9"],
+                  r"essm-eval-budgets: error: --budgets: spectral_budget must be an integer in [2, 8]"))
+    for command, args, message in cases:
+        with pytest.raises(SystemExit) as exit_status:
+            command(args)
+        assert exit_status.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith(message) and error.count("\n") == 1, error

@@ -25,7 +25,7 @@ build_results = load_script("build_results")
 def write_tiny_config(tmp_path):
     config = {
         "task": {"name": "listops", "max_length": 40, "min_length": 20, "train_size": 16, "eval_size": 8, "seed": 0},
-        "model": {"hidden_size": 16, "num_hidden_layers": 1, "num_spectral_filters": 8, "intermediate_size": 0,
+        "model": {"hidden_size": 16, "num_hidden_layers": 1, "num_spectral_filters": 8, "intermediate_size": 16,
                   "bos_token_id": None, "eos_token_id": None},
         "budget": {"schedule": "paper", "seed": 0},
         "training": {"output_dir": str(tmp_path / "runs"), "max_steps": 2, "per_device_train_batch_size": 4,

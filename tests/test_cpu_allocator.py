@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from modeling_essm import cpu_allocator
 from modeling_essm.cpu_allocator import _glibc
 
 # Run in a fresh interpreter: the setting is process-wide and must not leak into the test session.
@@ -46,3 +47,15 @@ def test_freed_memory_is_kept_and_reused_until_switched_off():
     assert reuse_retained > 48  # kept on the heap for the next allocation ...
     assert reuse_faults < 200  # ... which then needs no fresh pages (16384 pages of 4 kB in 64 MB)
     assert restored_retained < 16
+
+
+@pytest.mark.parametrize("value, switched", [(None, True), ("1", True), ("0", False)])
+def test_commands_switch_the_setting_unless_the_variable_opts_out(monkeypatch, value, switched):
+    calls = []
+    monkeypatch.setattr(cpu_allocator, "reuse_freed_memory", lambda: calls.append(True) or True)
+    if value is None:
+        monkeypatch.delenv(cpu_allocator.OPT_OUT_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(cpu_allocator.OPT_OUT_VARIABLE, value)
+    assert cpu_allocator.reuse_freed_memory_in_command() is switched
+    assert calls == ([True] if switched else [])
