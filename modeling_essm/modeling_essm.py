@@ -178,9 +178,12 @@ class ESSSMSpectralMixer(nn.Module):
         return y
 
     def whole_sequence(self, u: torch.Tensor, filter_spectrum: torch.Tensor, spectral_budget: int) -> torch.Tensor:
+        """The mixer on a whole sequence by FFT; steps numbered as in its reference, `naive.naive_mixer`."""
         seq_len = u.shape[1]
         n_fft = 2 * (filter_spectrum.shape[-1] - 1)
+        # 1. The gate over the active channels.
         weights = self.gate(u, spectral_budget).transpose(1, 2)  # (B, k, T)
+        # 2.-3. The channels' causal convolutions by one shared FFT of u, gated and projected chunk by chunk.
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
         # Under autograd every chunk's activations are kept anyway, so one chunk (one GEMM) is fastest;
@@ -196,6 +199,7 @@ class ESSSMSpectralMixer(nn.Module):
             spectral = spectral + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
                                                         self.projections(start, end), seq_len)
             start = end
+        # 4. Plus the skip and local paths.
         return self.combine(u, spectral.transpose(1, 2))  # (B, T, D)
 
     def combine(self, u: torch.Tensor, spectral: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:

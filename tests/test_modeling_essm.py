@@ -15,37 +15,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from modeling_essm import ESSSMConfig, ESSSMForCausalLM, ESSSMForSequenceClassification, ESSSMModel
 from modeling_essm.budget import default_budget_grid
 from modeling_essm.modeling_essm import ESSSMSpectralMixer, fft_length
+from modeling_essm.cache_essm import ESSSMCacheLayer
+from modeling_essm.naive import naive_mixer
 
 K = 16  # num_spectral_filters of tiny_config
 
 
 def tokens(batch=2, seq_len=40, seed=0):
     return torch.randint(0, 256, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def reference_mixer(mixer, u, filters, eigenvalues, k):
-    """The mixer equation written out literally: direct causal sums, no FFT, no chunking."""
-    batch, seq_len, hidden = u.shape
-    u = u.double()
-    logits = torch.nn.functional.gelu(u @ mixer.gate_in.weight.double().T + mixer.gate_in.bias.double())
-    logits = logits @ mixer.gate_out.weight.double().T + mixer.gate_out.bias.double()
-    s = logits[..., :k]
-    s = s * math.sqrt(k) / s.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    a = torch.softmax(s, dim=-1)  # (B, T, k)
-    y = u @ mixer.skip_proj.weight.double().T
-    for j in range(k):
-        phi = filters[:seq_len, j].double() * eigenvalues[j].double().clamp_min(0) ** 0.25
-        toeplitz = torch.zeros(seq_len, seq_len, dtype=torch.float64)
-        for t in range(seq_len):
-            toeplitz[t, : t + 1] = phi[: t + 1].flip(0)
-        conv = torch.einsum("ts,bsd->btd", toeplitz, u)
-        y = y + a[..., j : j + 1] * (conv @ (mixer.spectral_proj_multiplier * mixer.spectral_proj[j].double()))
-    if mixer.local_conv is not None:  # y(t) += b + sum_i w[:, size - 1 - i] * u(t - i), channel by channel
-        weight, size = mixer.local_conv.weight.double()[:, 0], mixer.local_conv_size  # (D, size)
-        y = y + mixer.local_conv.bias.double()
-        for lag in range(min(size, seq_len)):
-            y[:, lag:] = y[:, lag:] + u[:, : seq_len - lag] * weight[:, size - 1 - lag]
-    return y
 
 
 # --- the spectral mixer against its definition ----------------------------------------------------------
@@ -64,8 +41,23 @@ def test_mixer_matches_direct_convolution_reference(k, grad, local_conv_size):
     u = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(grad):  # grad enabled: one chunk; disabled: chunks of 3 channels
         y = mixer(u, basis.filter_spectrum(37, k), k)
-    expected = reference_mixer(mixer, u, basis.filters, basis.eigenvalues, k)
+    expected = naive_mixer(mixer, u, basis.filters, basis.eigenvalues, k)
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("future_fill", [True, False], ids=["future_fill", "naive_cache"])
+def test_cached_mixer_steps_match_the_reference(future_fill):
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config())
+    basis, mixer, k = model.model.spectral_basis, model.model.layers[0].mixer, 7
+    u = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(2))
+    cache_layer = ESSSMCacheLayer(model.config, future_fill=future_fill)
+    with torch.no_grad():
+        outputs = [mixer(u[:, :9], basis.filter_spectrum(9, k), k, cache_layer=cache_layer, spectral_basis=basis)]
+        for start, stop in [(9, 10), (10, 13), *((t, t + 1) for t in range(13, 30))]:  # a draft-sized chunk too
+            outputs.append(mixer(u[:, start:stop], None, k, cache_layer=cache_layer, spectral_basis=basis))
+    expected = naive_mixer(mixer, u, basis.filters, basis.eigenvalues, k)
+    torch.testing.assert_close(torch.cat(outputs, 1).double(), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_fft_length_is_even_smooth_and_long_enough():
