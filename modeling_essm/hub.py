@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoTokenizer
 
@@ -164,12 +164,29 @@ def compact_section(compacts: dict) -> str:
                       "| budget k | repository | parameters |", "|---:|---|---:|", *rows])
 
 
-def card_metadata(model, base_model=None) -> ModelCardData:
+def budget_eval_results(model, sweep) -> list[EvalResult]:
+    """The sweep as model-index entries, one per budget, so that the Hub lists the quality at each budget."""
+    settings = sweep.get("settings", {})
+    task = settings.get("task", "evaluation data")
+    task_type = "other" if model.config.input_size is not None else PIPELINE_TAGS[type(model)]  # as the pipeline tag
+    results = []
+    for row in sweep["results"]:
+        metric = "accuracy" if "accuracy" in row else "bits_per_byte"
+        results.append(EvalResult(task_type=task_type, dataset_type=task, dataset_name=task, metric_type=metric,
+                                  metric_value=row[metric], metric_name=f"{metric} at spectral budget {row['budget']}",
+                                  task_name=f"spectral budget {row['budget']}"))
+    return results
+
+
+def card_metadata(model, base_model=None, repo_id=None, sweep=None) -> ModelCardData:
+    eval_results = budget_eval_results(model, sweep) if sweep else None
     return ModelCardData(
         library_name="transformers",
         pipeline_tag=None if model.config.input_size is not None else PIPELINE_TAGS[type(model)],
         tags=["essm", "state-space-model", "spectral-budget", "custom_code"],
         base_model=base_model,
+        model_name=repo_id.split("/")[1] if eval_results else None,
+        eval_results=eval_results,
     )
 
 
@@ -190,7 +207,8 @@ def model_card(model, repo_id, has_tokenizer, sweep=None, compacts=None) -> Mode
         sweep_section(sweep) if sweep else None,
         compact_section(compacts) if compacts else None,
     ]
-    return ModelCard(f"---\n{card_metadata(model).to_yaml()}\n---\n\n" + "\n\n".join(filter(None, sections)) + "\n")
+    metadata = card_metadata(model, repo_id=repo_id, sweep=sweep).to_yaml()
+    return ModelCard(f"---\n{metadata}\n---\n\n" + "\n\n".join(filter(None, sections)) + "\n")
 
 
 def compact_model_card(compact, repo_id, parent_repo_id, parent_parameters, has_tokenizer) -> ModelCard:

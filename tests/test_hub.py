@@ -203,6 +203,11 @@ def test_the_model_card_shows_usage_at_a_budget_the_sweep_and_the_compact_export
     for k in (2, 4, 8, K):  # one table row per swept budget
         assert re.search(rf"^\| {k} \| {2.0 + 1.0 / k:.4f} \|", card.text, flags=re.M)
     assert "![Quality and cost at each spectral budget](budget_sweep.png)" in card.text
+    # The same numbers as model-index entries, which the Hub shows as evaluation results.
+    results = {result.metric_name: result for result in card.data.eval_results}
+    assert set(results) == {f"bits_per_byte at spectral budget {k}" for k in (2, 4, 8, K)}
+    assert all(r.metric_value == pytest.approx(2.0 + 1.0 / int(name.rsplit(" ", 1)[1])) for name, r in results.items())
+    assert {r.dataset_type for r in results.values()} == {"tiny_shakespeare"}
     for k in COMPACT_BUDGETS:
         assert f"[{REPO}-k{k}](https://huggingface.co/{REPO}-k{k})" in card.text
 
