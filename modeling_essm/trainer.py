@@ -21,6 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .budget import BudgetSampler
+from .modeling_essm import resolve_spectral_budget
 
 IGNORE_INDEX = -100
 EMA_FILE = "ema_weights.safetensors"
@@ -97,12 +98,35 @@ class ESSSMTrainer(Trainer):
     sandwich: a `SandwichRule`; each step then sums the losses of its budgets, the smaller ones distilled from
         the full budget's detached predictions when `sandwich.distillation` is set. Without it the model trains
         at whatever budget its forward gets (`BudgetSamplingCallback` draws one per step).
+    eval_budgets: budgets that every evaluation also measures, beside the model's default budget: the metrics
+        gain `eval_<metric>_k<k>` (for example `eval_loss_k4`, `eval_accuracy_k4`), logged with the others.
     """
 
-    def __init__(self, *args, decay_embeddings: bool = True, sandwich: SandwichRule | None = None, **kwargs):
+    def __init__(self, *args, decay_embeddings: bool = True, sandwich: SandwichRule | None = None,
+                 eval_budgets=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.decay_embeddings = decay_embeddings
         self.sandwich = sandwich
+        # Checked against the model now, not at the first evaluation.
+        self.eval_budgets = [resolve_spectral_budget(k, self.model.config) for k in eval_budgets or ()]
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The loop at the default budget, then at each of `eval_budgets`, as one evaluation (one log, one
+        `on_evaluate`, so callbacks such as EMACallback see a single evaluation)."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        config = self.model.config
+        default = config.spectral_budget
+        try:
+            for budget in self.eval_budgets:
+                config.spectral_budget = budget  # what every call without a budget runs at
+                at_budget = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                    metric_key_prefix)
+                output.metrics.update({f"{key}_k{budget}": value for key, value in at_budget.metrics.items()
+                                       if not key.endswith(("_runtime", "_per_second"))})
+        finally:
+            config.spectral_budget = default
+        return output
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)

@@ -29,7 +29,7 @@ from transformers import TrainingArguments, set_seed
 
 from .budget import BudgetSampler, BudgetSamplingCallback
 from .configuration_essm import ESSSMConfig
-from .modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification
+from .modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification, resolve_spectral_budget
 from .tasks import BYTE_VOCAB_SIZE, load_task, task_fields
 from .tokenization_essm import build_fast_tokenizer
 from .trainer import EMACallback, ESSSMTrainer, SandwichRule
@@ -38,7 +38,8 @@ from .trainer import EMACallback, ESSSMTrainer, SandwichRule
 SECTIONS = ("task", "model", "budget", "training", "recipe")
 # K and the minimum budget come from the model.
 BUDGET_FIELDS = set(inspect.signature(BudgetSampler).parameters) - {"num_filters", "min_budget"}
-RECIPE_DEFAULTS = {"decay_embeddings": True, "ema_decay": None, "sandwich": False, "distillation": True}
+RECIPE_DEFAULTS = {"decay_embeddings": True, "ema_decay": None, "sandwich": False, "distillation": True,
+                   "eval_budgets": None}
 # Filled from the task's data: a config that sets them differently would build a model that cannot read it.
 TASK_MODEL_FIELDS = ("vocab_size", "input_size", "num_labels", "pad_token_id")
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -147,6 +148,8 @@ def check_run_config(config, source="run config"):
     # Values, checked now on the fields the task does not set (it sets the vocabulary, labels and length).
     model_config = ESSSMConfig(**config["model"])
     build_sampler(config["budget"], model_config)
+    for budget in config["recipe"]["eval_budgets"] or ():
+        resolve_spectral_budget(budget, model_config)
     build_training_arguments(config["training"])
     return config
 
@@ -163,6 +166,9 @@ def check_recipe(recipe, source):
     decay = recipe["ema_decay"]
     if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
         raise ValueError(f"{source}: recipe.ema_decay must be null or a number in (0, 1), got {decay!r}")
+    budgets = recipe["eval_budgets"]
+    if budgets is not None and not isinstance(budgets, list):
+        raise ValueError(f"{source}: recipe.eval_budgets must be null or a list of budgets, got {budgets!r}")
     return recipe
 
 
@@ -305,6 +311,7 @@ def build_trainer(run_config, build_model=None):
         model=model,
         decay_embeddings=recipe["decay_embeddings"],
         sandwich=sandwich,
+        eval_budgets=recipe["eval_budgets"] if build_model is None else None,  # baselines have no budgets
         args=args,
         train_dataset=task.train,
         eval_dataset=task.eval,

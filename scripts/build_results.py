@@ -83,7 +83,7 @@ def comparable_settings(result):
     training = {key: value for key, value in config["training"].items() if key != "output_dir"}
     # Runs from before the recipe section existed trained with its defaults; the budget options are ES-SSM only.
     recipe = {key: value for key, value in {**RECIPE_DEFAULTS, **config.get("recipe", {})}.items()
-              if key not in ("sandwich", "distillation")}
+              if key not in ("sandwich", "distillation", "eval_budgets")}
     return config["task"], training, recipe
 
 

@@ -24,7 +24,8 @@ from modeling_essm.training import PaddingCollator
 def trainer_for(tmp_path, model=None, callbacks=(), **options):
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4,
                 save_strategy="no", logging_steps=1, use_cpu=True, report_to=[], disable_tqdm=True, seed=0)
-    trainer_options = {name: options.pop(name) for name in ("decay_embeddings", "sandwich") if name in options}
+    trainer_options = {name: options.pop(name) for name in ("decay_embeddings", "sandwich", "eval_budgets")
+                       if name in options}
     return ESSSMTrainer(model=model or tiny_model(), args=TrainingArguments(**{**args, **options}),
                         train_dataset=tiny_dataset(), eval_dataset=tiny_dataset(8, seed=1),
                         data_collator=PaddingCollator(pad_token_id=0), callbacks=list(callbacks), **trainer_options)
@@ -204,3 +205,21 @@ def test_sandwich_trains_with_the_trainer(tmp_path):
     expected = [b for step in range(3) for b in SandwichRule(sampler).budgets(step)]
     assert budgets_seen == expected
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_every_evaluation_also_measures_the_eval_budgets(tmp_path):
+    model = tiny_model()
+    trainer = trainer_for(tmp_path, model=model, eval_budgets=[2, 4])
+    metrics = trainer.evaluate()
+    for budget in (2, 4):
+        model.config.spectral_budget = budget  # the same data evaluated with the model's default set by hand
+        assert metrics[f"eval_loss_k{budget}"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
+    model.config.spectral_budget = None
+    assert metrics["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)  # the default, K
+    assert len({metrics["eval_loss"], metrics["eval_loss_k2"], metrics["eval_loss_k4"]}) == 3
+    assert trainer.state.log_history[0]["eval_loss_k4"] == metrics["eval_loss_k4"]  # logged with the rest
+
+
+def test_eval_budgets_outside_the_range_are_refused_when_the_trainer_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"spectral_budget must be an integer in \[2, 8\]"):
+        trainer_for(tmp_path, eval_budgets=[1])

@@ -87,6 +87,8 @@ def test_missing_config_file(tmp_path):
         ({"recipe": {"ema": 0.9}}, r"unknown recipe fields \['ema'\]"),
         ({"recipe": {"ema_decay": 1.0}}, r"recipe.ema_decay must be null or a number in \(0, 1\), got 1.0"),
         ({"recipe": {"sandwich": "yes"}}, "recipe.sandwich must be true or false, got 'yes'"),
+        ({"recipe": {"eval_budgets": 4}}, "recipe.eval_budgets must be null or a list of budgets, got 4"),
+        ({"recipe": {"eval_budgets": [4, 9]}}, r"spectral_budget must be an integer in \[2, 8\].*got 9"),
         ({"model": {"spectral_proj_multiplier": 0}}, "spectral_proj_multiplier must be a positive number, got 0"),
         ({"model": {"embedding_dropout": 1.5}}, r"embedding_dropout must be a number in \[0, 1\), got 1.5"),
     ],
