@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch.utils.data import DataLoader
 
 from .baselines import BASELINES, count_parameters, matched_baseline
 from .cli import add_override_argument, user_errors_in_one_line
 from .configuration_essm import ESSSMConfig
 from .cpu_allocator import reuse_freed_memory_in_command
-from .evaluation import BudgetStats, eval_budgets, without_labels
+from .evaluation import eval_budgets, measure
 from .training import load_run_config, train
 
 
@@ -66,18 +65,9 @@ def model_run_config(run_config, model):
 
 @torch.inference_mode()
 def evaluate_model(model, dataset, collator, batch_size, causal_lm):
-    """Metric, loss and tokens/s of a model without budgets, measured as the budget sweep measures them."""
+    """Metric, loss and tokens/s of a model without budgets, by the loop of the budget sweep."""
     model.eval()
-    device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    batches = [{name: tensor.to(device) for name, tensor in batch.items()} for batch in loader]
-    stats = BudgetStats(causal_lm)
-    model(**without_labels(batches[0]))  # warm-up: first-call allocations stay out of the timings
-    for batch in batches:
-        start = time.perf_counter()
-        logits = model(**without_labels(batch)).logits
-        stats.update(logits, batch["labels"], int(batch["attention_mask"].sum()), time.perf_counter() - start)
-    return stats.summary()
+    return measure(model, dataset, collator, {"model": {}}, batch_size, causal_lm)["model"]
 
 
 def package_version(name):

@@ -60,24 +60,34 @@ class BudgetStats:
 
 
 @torch.inference_mode()
-def sweep_budgets(model, dataset, collator, budgets, batch_size=32, causal_lm=False):
-    """One row per budget. Budgets take turns on every batch, so a slow spell of the machine hits them all alike."""
+def measure(model, dataset, collator, calls: dict, batch_size=32, causal_lm=False) -> dict:
+    """Metric, loss and tokens/s of each call of `model`, {name: forward keyword arguments}, over `dataset`.
+
+    The one evaluation loop of the package: the budget sweep and the comparisons' baselines both use it. Calls take
+    turns on every batch, so a slow spell of a shared machine hits them all alike.
+    """
+    device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    batches = [{name: tensor.to(model.device) for name, tensor in batch.items()} for batch in loader]
-    stats = {budget: BudgetStats(causal_lm) for budget in budgets}
-    for budget in budgets:  # warm-up: first-call allocations stay out of the timings
-        model(**without_labels(batches[0]), spectral_budget=budget)
-    for batch in tqdm(batches, desc=f"budget sweep ({len(budgets)} budgets)"):
+    batches = [{name: tensor.to(device) for name, tensor in batch.items()} for batch in loader]
+    stats = {name: BudgetStats(causal_lm) for name in calls}
+    for options in calls.values():  # warm-up: first-call allocations stay out of the timings
+        model(**without_labels(batches[0]), **options)
+    for batch in tqdm(batches, desc=f"evaluation ({len(calls)} call{'s' * (len(calls) > 1)})"):
         inputs, tokens = without_labels(batch), int(batch["attention_mask"].sum())
-        for budget in budgets:
+        for name, options in calls.items():
             start = time.perf_counter()
-            logits = model(**inputs, spectral_budget=budget).logits
-            synchronize(model.device)
-            stats[budget].update(logits, batch["labels"], tokens, time.perf_counter() - start)
-    return [
-        {"budget": budget, **stats[budget].summary(), "parameters": model.slice_to_budget(budget).num_parameters()}
-        for budget in budgets
-    ]
+            logits = model(**inputs, **options).logits
+            synchronize(device)
+            stats[name].update(logits, batch["labels"], tokens, time.perf_counter() - start)
+    return {name: stats[name].summary() for name in calls}
+
+
+def sweep_budgets(model, dataset, collator, budgets, batch_size=32, causal_lm=False):
+    """One row per budget: its metric, loss, tokens/s and the parameters a model sliced to it keeps."""
+    summaries = measure(model, dataset, collator, {budget: {"spectral_budget": budget} for budget in budgets},
+                        batch_size, causal_lm)
+    return [{"budget": budget, **summaries[budget], "parameters": model.slice_to_budget(budget).num_parameters()}
+            for budget in budgets]
 
 
 def synchronize(device):

@@ -115,6 +115,8 @@ class ESSSMTrainer(Trainer):
         """The loop at the default budget, then at each of `eval_budgets`, as one evaluation (one log, one
         `on_evaluate`, so callbacks such as EMACallback see a single evaluation)."""
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if not self.eval_budgets:  # also every model without budgets (the baselines share this trainer)
+            return output
         config = self.model.config
         default = config.spectral_budget
         try:
