@@ -114,6 +114,28 @@ def load_checkpoint(path, model, optimizer, scheduler) -> int:
     return loop_state["step"]
 
 
+def log_entry(step, loss, budget, learning_rate) -> dict:
+    """The step's loss averaged over the ranks (the global batch's: equal rows per rank) and every rank's budget."""
+    budgets = [None] * dist.get_world_size()
+    dist.all_gather_object(budgets, budget)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+    return {"step": step, "loss": mean_loss.item(), "learning_rate": learning_rate, "budgets_by_rank": budgets}
+
+
+def append_to_log(path, entry):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        file.write(json.dumps(entry) + "\n")
+    print(entry, flush=True)
+
+
+def truncate_log(path, step):
+    """A resumed run continues the log from its checkpoint: drop what the interrupted run logged after it."""
+    lines = path.read_text().splitlines()
+    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+
+
 def train_sharded(run_config, resume=False):
     """Train with FSDP2 in the process group torchrun set up; returns the log entries (rank 0) or []."""
     args = build_training_arguments(run_config["training"])
@@ -139,10 +161,8 @@ def train_sharded(run_config, resume=False):
     step = 0
     if checkpoint is not None:
         step = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        if rank == 0:  # the log continues from the checkpoint: drop what the interrupted run logged after it
-            lines = (output_dir / LOG_NAME).read_text().splitlines()
-            kept = [line + "\n" for line in lines if json.loads(line)["step"] <= step]
-            (output_dir / LOG_NAME).write_text("".join(kept))
+        if rank == 0:
+            truncate_log(output_dir / LOG_NAME, step)
     batch_size = args.per_device_train_batch_size
     batches = global_batches(len(task.train), world_size * batch_size, args.seed)
     for _ in range(step):  # the batches a resumed run has already trained on
@@ -162,18 +182,10 @@ def train_sharded(run_config, resume=False):
         optimizer.zero_grad()
         step += 1
         if step % args.logging_steps == 0 or step == args.max_steps:
-            budgets = [None] * world_size
-            dist.all_gather_object(budgets, budget)
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)  # the global batch's loss: equal rows per rank
-            entry = {"step": step, "loss": mean_loss.item(), "learning_rate": scheduler.get_last_lr()[0],
-                     "budgets_by_rank": budgets}
+            entry = log_entry(step, loss, budget, scheduler.get_last_lr()[0])  # a collective: every rank calls it
             if rank == 0:
                 log.append(entry)
-                output_dir.mkdir(parents=True, exist_ok=True)
-                with open(output_dir / LOG_NAME, "a") as file:
-                    file.write(json.dumps(entry) + "\n")
-                print(entry, flush=True)
+                append_to_log(output_dir / LOG_NAME, entry)
         if args.save_strategy != "no" and (step % args.save_steps == 0 or step == args.max_steps):
             save_checkpoint(output_dir / f"checkpoint-{step}", model, optimizer, scheduler, step)
     # Gathered into an ordinary model on rank 0: a folder any transformers code loads.
