@@ -120,7 +120,7 @@ class ESSSMSpectralBasis(nn.Module):
 class ESSSMSpectralMixer(nn.Module):
     """The sequence mixer of one block: the ES-SSM paper's spectral mixer plus a local convolution.
 
-        y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) D  +  (w * u)(t)
+        y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) W_skip  +  (w * u)(t)
 
     where w * u is depthwise and causal over the last `local_conv_size` inputs (0 drops it: the paper's mixer).
 
@@ -128,7 +128,7 @@ class ESSSMSpectralMixer(nn.Module):
         rescaled to unit RMS and softmaxed over those k only (the same rule at every budget);
     spectral_proj: the K learned D x D matrices, stacked (K, D, D); the mixer uses them times
         `spectral_proj_multiplier` (see ESSSMConfig: it makes the spectral path learn at a plain layer's pace);
-    skip_proj: the learned D x D skip matrix D.
+    skip_proj: the learned D x D skip matrix W_skip (the paper writes it D, which here is the width).
     local_conv: a depthwise causal convolution over the last `local_conv_size` inputs, budget independent
         (absent when local_conv_size is 0; see ESSSMConfig).
     Only the active channels are convolved and projected; under autocast the FFTs and the gate

@@ -1,6 +1,6 @@
 """The ES-SSM spectral mixer written out as its equation: the reference every fast path is tested against.
 
-    y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) D  +  (w * u)(t)
+    y(t) = sum_{j<=k} a_j(t) * (sigma_j^(1/4) phi_j * u)(t) M_j  +  u(t) W_skip  +  (w * u)(t)
 
 Direct causal sums in float64: no FFT, no chunking, no cache, O(T^2 k D) time. Its numbered steps are the steps
 of `ESSSMSpectralMixer.whole_sequence` (modeling_essm.py), which computes the same thing by FFT.
