@@ -6,10 +6,10 @@
   `decay_embeddings=False` keeps weight decay off the embeddings (the Trainer already spares biases and norms),
   and the sandwich rule of slimmable networks (Yu & Huang, 2019): every step trains the full budget, a drawn
   one and the smallest one, the smaller budgets learning from the full budget's detached predictions
-  (in-place distillation) or from the labels.
+  (in-place distillation) or from the labels; and `eval_budgets`, budgets every evaluation also measures.
 - `EMACallback`: an exponential moving average of the weights, used for evaluation and for the final model.
 
-All of them work for any model the Trainer trains; only the sandwich rule needs an ES-SSM.
+All of them work for any model the Trainer trains; only the sandwich rule and `eval_budgets` need an ES-SSM.
 """
 
 from pathlib import Path
