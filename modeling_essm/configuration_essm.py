@@ -17,7 +17,7 @@ ESSM_AUTO_MAP = {
 }
 
 # The behaviour of checkpoints saved before a field was added; `from_dict` (and so `from_pretrained`) fills them in.
-FIELDS_BEFORE_THEY_EXISTED = {"spectral_proj_multiplier": 1.0, "spectral_proj_init_std": 0.02, "local_conv_size": 0}
+FIELDS_BEFORE_THEY_EXISTED = {"spectral_proj_multiplier": 1.0, "spectral_proj_init_std": 0.02}
 
 
 def check_positive_int(name: str, value) -> None:
@@ -55,12 +55,12 @@ class ESSSMConfig(PreTrainedConfig):
             existed load with 1.0, their trained behaviour.
         spectral_proj_init_std (`float`, defaults to 1e-3): std of the effective projections `c * M_j` at
             initialisation (the paper's value).
-        local_conv_size (`int`, defaults to 4): width of a depthwise causal convolution over the mixer's last
-            inputs, added to its output beside the skip matrix, at every budget (0: none, the paper's mixer).
-            The spectral filters vary slowly (channel j changes sign j - 1 times over L steps), so patterns a
-            few steps long (byte n-grams, neighbouring audio frames) otherwise have to be learned through
-            the feed-forward layers of later blocks; the measurements behind the default: docs/training.md.
-            Configs saved before this field existed load with 0, their trained behaviour.
+        local_conv_size (`int`, defaults to 0): width of a depthwise causal convolution over the mixer's last
+            inputs, added to its output beside the skip matrix at every budget (0: none, the paper's mixer). It
+            gives the mixer patterns a few steps long, which the slowly varying spectral filters (channel j changes
+            sign j - 1 times over L steps) reach only weakly. Measured in docs/training.md: in short runs it
+            changed ListOps, the byte LM and spoken digits little and slowed a long-range recall task, so it is off
+            by default.
         spectral_chunk_size (`int`, defaults to 8): at most this many channels are convolved and projected
             together at inference (bigger chunks mean bigger GEMMs).
         spectral_chunk_mb (`float`, defaults to 64.0): and at most as many as keep one chunk's float32
@@ -92,7 +92,7 @@ class ESSSMConfig(PreTrainedConfig):
         gate_bias_init: float = -2.0,
         spectral_proj_multiplier: float = 100.0,
         spectral_proj_init_std: float = 1e-3,
-        local_conv_size: int = 4,
+        local_conv_size: int = 0,
         spectral_chunk_size: int = 8,
         spectral_chunk_mb: float = 64.0,
         embedding_dropout: float = 0.0,

@@ -17,7 +17,7 @@ def tiny_config(**overrides):
                     max_position_embeddings=128, intermediate_size=64, spectral_chunk_size=3,
                     # Projections of the old default size (the paper's 1e-3 is 20x smaller), so that the spectral
                     # path moves the outputs enough for the exactness tests to see any error in it.
-                    spectral_proj_init_std=0.02)
+                    spectral_proj_init_std=0.02, local_conv_size=4)
     settings.update(overrides)
     return modeling_essm.ESSSMConfig(**settings)
 
