@@ -38,6 +38,7 @@ def run(bench, monkeypatch, *flags):
     bench.main()
 
 
+@pytest.mark.slow  # about 3 min on 2 CPU cores: the bf16 GEMM-rate measurements dominate
 def test_bf16_run_measures_every_system_and_replaces_only_its_section(bench, tmp_path, monkeypatch):
     page = tmp_path / "performance.md"
     page.write_text(PAGE)
@@ -94,6 +95,7 @@ def test_issue_targets_are_checked_on_the_runs_own_numbers(bench):
     assert [t["met"] for t in bench.issue_targets(result)] == [None, False, None, False]
 
 
+@pytest.mark.slow  # about 2 min on 2 CPU cores
 def test_a_bf16_run_times_the_fp32_gemm_in_fp32(bench, monkeypatch):
     import torch
 
