@@ -63,7 +63,6 @@ def model_run_config(run_config, model):
     return config
 
 
-@torch.inference_mode()
 def evaluate_model(model, dataset, collator, batch_size, causal_lm):
     """Metric, loss and tokens/s of a model without budgets, by the loop of the budget sweep."""
     model.eval()
