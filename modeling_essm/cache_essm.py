@@ -197,8 +197,8 @@ class ESSSMCache(Cache):
         future_fill: decode with epoched FutureFill (default); `False` gives the naive cache, where every new
             output sums its whole history directly (the reference, O(t) per token).
 
-    `spectral_budget` is the budget the deeper histories were built at; the model rebuilds them from the
-    embeddings when a call continues the cache at another budget. A forward that continues a cache takes the
+    `spectral_budget` holds the per-block budgets the deeper histories were built at; the model rebuilds them from
+    the embeddings when a call continues the cache at other budgets. A forward that continues a cache takes the
     tokens it has not seen (its attention mask may cover them or the whole sequence); `generate` also takes the
     whole sequence and skips what the cache holds. `crop` cuts the cache back to any earlier length exactly.
     """
@@ -234,9 +234,9 @@ class ESSSMCache(Cache):
         self.embeddings.crop(length + tokens_to_remove)
         self.attention_mask.crop(length + tokens_to_remove)
 
-    def follow(self, source: "ESSSMCache", start: int, spectral_budget: int) -> None:
+    def follow(self, source: "ESSSMCache", start: int, layer_budgets: tuple[int, ...]) -> None:
         """Keep this cache's first `start` positions and append `source`'s from there on (every block's inputs, the
-        embeddings, the mask), to be continued at `spectral_budget`.
+        embeddings, the mask), to be continued at `layer_budgets` (one budget per block).
 
         This mixes budgets on purpose, for a draft model only: the histories copied from a cache built at the full
         budget are continued at a small one without the rebuild a budget change otherwise costs (a forward pass over
@@ -248,7 +248,7 @@ class ESSSMCache(Cache):
             layer.append(source_layer.inputs.values[:, start:])
         self.embeddings.append(source.embeddings.values[:, start:])
         self.attention_mask.append(source.attention_mask.values[:, start:])
-        self.spectral_budget = spectral_budget
+        self.spectral_budget = layer_budgets
 
     def check_batch_size(self, batch_size: int) -> None:
         """Refuse inputs of another batch size than the sequences this cache holds (an empty cache takes any)."""

@@ -3,6 +3,7 @@
 import difflib
 import inspect
 import math
+import numbers
 import warnings
 
 from transformers import PreTrainedConfig
@@ -25,12 +26,34 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"ESSSMConfig.{name} must be a positive integer, got {value!r}.")
 
 
+def check_spectral_budget(budget, config: "ESSSMConfig", name: str = "spectral_budget"):
+    """A budget as the model reads it: an integer k in [min_spectral_budget, num_spectral_filters], which runs every
+    layer at k (or at its own K when that is smaller), or one integer per layer, each in [min_spectral_budget, the
+    layer's K]. Returns the int, or the per-layer budgets as a tuple; raises a ValueError naming the valid range."""
+    low, full = config.min_spectral_budget, config.layer_spectral_filters
+    valid = (f"an integer in [{low}, {config.num_spectral_filters}] (min_spectral_budget to num_spectral_filters), "
+             f"or a list of {len(full)} integers, one per layer, each in [{low}, that layer's K] (K per layer: "
+             f"{list(full)})")
+    if isinstance(budget, (list, tuple)):
+        if len(budget) != len(full):
+            raise ValueError(f"{name} must be {valid}; got {len(budget)} per-layer budgets {list(budget)!r}.")
+        for layer, (k, top) in enumerate(zip(budget, full)):
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not low <= k <= top:
+                raise ValueError(f"{name} must be {valid}; got {k!r} for layer {layer} in {list(budget)!r}.")
+        return tuple(int(k) for k in budget)
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise ValueError(f"{name} must be {valid}; got {budget!r} of type {type(budget).__name__}.")
+    if not low <= budget <= config.num_spectral_filters:
+        raise ValueError(f"{name} must be {valid}; got {budget}.")
+    return int(budget)
+
+
 class ESSSMConfig(PreTrainedConfig):
     r"""
     Configuration of an ES-SSM: a stack of pre-norm residual blocks whose sequence mixer convolves
     the input with the top eigenvectors of a fixed Hankel matrix and mixes them through a per-token
     gate. The model is trained once and can run at any spectral budget `k` in
-    `[min_spectral_budget, num_spectral_filters]` afterwards.
+    `[min_spectral_budget, num_spectral_filters]` afterwards, or at one budget per layer.
 
     Args:
         vocab_size (`int`, defaults to 259): token vocabulary (byte-level: 256 bytes plus pad, bos, eos).
@@ -38,9 +61,12 @@ class ESSSMConfig(PreTrainedConfig):
         num_hidden_layers (`int`, defaults to 8): number of residual blocks.
         num_spectral_filters (`int`, defaults to 32): the full spectral budget K.
         max_position_embeddings (`int`, defaults to 4096): filter length L, the longest sequence.
+        num_spectral_filters_per_layer (`list[int]`, *optional*): each layer's own full budget K_l, at most K (None:
+            K for every layer). A model sliced to per-layer budgets (`slice_to_budget([4, 8, ...])`) has them; an
+            integer budget k then runs layer l at min(k, K_l).
         min_spectral_budget (`int`, defaults to 2): smallest budget the model accepts.
-        spectral_budget (`int`, *optional*): the budget the model runs at when a call passes none (None: the
-            full K). Pipelines, `Trainer.evaluate` and any other code that calls the model without the argument
+        spectral_budget (`int` or `list[int]`, *optional*): the budget the model runs at when a call passes none
+            (None: the full K), as an integer or one integer per layer. Pipelines, `Trainer.evaluate` and any other code that calls the model without the argument
             use it; a call's `spectral_budget` still wins, and so do the draws of budget-dropout training. Saved
             with the model; `from_pretrained(path, spectral_budget=k)` sets it at load time.
         intermediate_size (`int`, *optional*): feed-forward width; `None` means 4 * D, `0` disables the feed-forward.
@@ -84,9 +110,10 @@ class ESSSMConfig(PreTrainedConfig):
         hidden_size: int = 256,
         num_hidden_layers: int = 8,
         num_spectral_filters: int = 32,
+        num_spectral_filters_per_layer: list[int] | None = None,
         max_position_embeddings: int = 4096,
         min_spectral_budget: int = 2,
-        spectral_budget: int | None = None,
+        spectral_budget: int | list[int] | None = None,
         intermediate_size: int | None = None,
         gate_hidden_size: int | None = None,
         gate_bias_init: float = -2.0,
@@ -113,6 +140,7 @@ class ESSSMConfig(PreTrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_spectral_filters = num_spectral_filters
+        self.num_spectral_filters_per_layer = num_spectral_filters_per_layer
         self.max_position_embeddings = max_position_embeddings
         self.min_spectral_budget = min_spectral_budget
         self.spectral_budget = spectral_budget
@@ -162,14 +190,21 @@ class ESSSMConfig(PreTrainedConfig):
                 f"min_spectral_budget must be in [1, num_spectral_filters={self.num_spectral_filters}], "
                 f"got {self.min_spectral_budget}."
             )
-        budget = self.spectral_budget
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
-                                   or not self.min_spectral_budget <= budget <= self.num_spectral_filters):
-            raise ValueError(
-                f"spectral_budget (the model's default budget) must be None (the full budget) or an integer in "
-                f"[{self.min_spectral_budget}, {self.num_spectral_filters}] (min_spectral_budget to "
-                f"num_spectral_filters), got {budget!r}."
-            )
+        per_layer = self.num_spectral_filters_per_layer
+        if per_layer is not None:
+            if (not isinstance(per_layer, (list, tuple)) or len(per_layer) != self.num_hidden_layers
+                    or any(isinstance(k, bool) or not isinstance(k, int)
+                           or not self.min_spectral_budget <= k <= self.num_spectral_filters for k in per_layer)):
+                raise ValueError(
+                    f"num_spectral_filters_per_layer must be None (K={self.num_spectral_filters} in every layer) or "
+                    f"{self.num_hidden_layers} integers (one per layer) in [{self.min_spectral_budget}, "
+                    f"{self.num_spectral_filters}] (min_spectral_budget to num_spectral_filters), got {per_layer!r}."
+                )
+            self.num_spectral_filters_per_layer = list(per_layer)
+        if self.spectral_budget is not None:
+            budget = check_spectral_budget(self.spectral_budget, self,
+                                           "spectral_budget (the model's default budget, None for the full budget)")
+            self.spectral_budget = list(budget) if isinstance(budget, tuple) else budget  # JSON keeps lists
         if self.num_spectral_filters > self.max_position_embeddings:
             raise ValueError(
                 f"num_spectral_filters ({self.num_spectral_filters}) cannot exceed "
@@ -199,6 +234,18 @@ class ESSSMConfig(PreTrainedConfig):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
 
+    @property
+    def layer_spectral_filters(self) -> tuple[int, ...]:
+        """Each layer's full budget K_l."""
+        per_layer = self.num_spectral_filters_per_layer
+        return tuple(per_layer) if per_layer is not None else (self.num_spectral_filters,) * self.num_hidden_layers
+
+    def layer_budgets(self, budget: int | tuple[int, ...]) -> tuple[int, ...]:
+        """Each layer's budget under a checked budget (see `check_spectral_budget`): an integer caps every layer."""
+        if isinstance(budget, tuple):
+            return budget
+        return tuple(min(budget, top) for top in self.layer_spectral_filters)
+
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         # A saved config without these fields predates them: its weights were trained with these values.
@@ -209,4 +256,4 @@ class ESSSMConfig(PreTrainedConfig):
         return loaded
 
 
-__all__ = ["ESSSMConfig"]
+__all__ = ["ESSSMConfig", "check_spectral_budget"]

@@ -1,4 +1,4 @@
-"""Export an ES-SSM at one fixed spectral budget: `torch.export` and ONNX.
+"""Export an ES-SSM at one fixed spectral budget (an integer or one per layer): `torch.export` and ONNX.
 
 The model is first sliced to the budget (`slice_to_budget`), so the exported graph carries only the
 active channels. Two changes make the graph exportable without changing its result:
@@ -31,7 +31,8 @@ class FixedFilterSpectrum(nn.Module):
         self.register_buffer("spectrum", torch.view_as_real(spectrum).contiguous())
 
     def filter_spectrum(self, seq_len: int, spectral_budget: int) -> torch.Tensor:
-        # The model is sliced to the budget, so every channel is active; one FFT size serves every length.
+        # The model is sliced to the budget, so each layer's channels are its first ones; one FFT size serves
+        # every length.
         return self.spectrum
 
 
@@ -49,6 +50,7 @@ class RealArithmeticMixer(nn.Module):
         n_fft = 2 * (filter_spectrum.shape[0] - 1)
         u_spectrum = torch.view_as_real(torch.fft.rfft(u.float(), n=n_fft, dim=1))  # (B, F, D, 2)
         u_re, u_im = u_spectrum[..., 0].unsqueeze(2), u_spectrum[..., 1].unsqueeze(2)  # (B, F, 1, D)
+        filter_spectrum = filter_spectrum[:, :spectral_budget]  # a layer's own channels, when sliced per layer
         f_re, f_im = filter_spectrum[..., 0, None], filter_spectrum[..., 1, None]  # (F, k, 1)
         product = torch.stack([u_re * f_re - u_im * f_im, u_re * f_im + u_im * f_re], dim=-1)  # (B, F, k, D, 2)
         conv = torch.fft.irfft(torch.view_as_complex(product), n=n_fft, dim=1)[:, :seq_len]  # (B, T, k, D)
@@ -62,7 +64,7 @@ class ESSSMAtBudget(nn.Module):
     Pass `input_ids` (or `input_values` for a model built with `input_size`) and optionally `attention_mask`.
     """
 
-    def __init__(self, model, spectral_budget: int):
+    def __init__(self, model, spectral_budget: int | list[int]):
         super().__init__()
         self.model = model.slice_to_budget(spectral_budget).eval()  # validates the budget
         backbone = getattr(self.model, "model", self.model)
@@ -82,7 +84,7 @@ def dynamic_shapes_for(inputs: dict, max_length: int) -> dict:
     return {name: {0: batch, 1: seq} for name in inputs}
 
 
-def export_at_budget(model, spectral_budget: int, **example_inputs) -> torch.export.ExportedProgram:
+def export_at_budget(model, spectral_budget: int | list[int], **example_inputs) -> torch.export.ExportedProgram:
     """`torch.export` of the forward at `spectral_budget`, with dynamic batch size and sequence length.
 
     `example_inputs` are the keyword inputs of a typical call, e.g. `input_ids=...` and `attention_mask=...`.
@@ -93,7 +95,7 @@ def export_at_budget(model, spectral_budget: int, **example_inputs) -> torch.exp
         return torch.export.export(module, (), kwargs=example_inputs, dynamic_shapes=dynamic_shapes)
 
 
-def export_onnx(model, spectral_budget: int, path, **example_inputs) -> Path:
+def export_onnx(model, spectral_budget: int | list[int], path, **example_inputs) -> Path:
     """Write an ONNX model of the forward at `spectral_budget` to `path`; the inputs keep their names."""
     program = export_at_budget(model, spectral_budget, **example_inputs)  # validates before anything is written
     path = Path(path)

@@ -23,40 +23,33 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .cache_essm import ESSSMCache
-from .configuration_essm import ESSSMConfig
+from .configuration_essm import ESSSMConfig, check_spectral_budget
 from .spectral_filters import spectral_filters
 from .speculative_essm import DEFAULT_DRAFT_TOKENS, ESSSMDraftCandidateGenerator
 
 
-def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int:
+def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int | tuple[int, ...]:
     """The budget of one call: `None` means the model's default (`config.spectral_budget`, itself None for the
-    full K); anything else must be an integer in range."""
-    low, high = config.min_spectral_budget, config.num_spectral_filters
-    name = "spectral_budget"
+    full K); anything else an integer in range or one per layer (see `check_spectral_budget`). A per-layer budget
+    comes back as a tuple."""
     if spectral_budget is None:
-        spectral_budget, name = config.spectral_budget, "config.spectral_budget (the model's default budget)"
-        if spectral_budget is None:
-            return high
-    valid = f"an integer in [{low}, {high}] (min_spectral_budget to num_spectral_filters) or None for the default"
-    if isinstance(spectral_budget, torch.Tensor):
-        if spectral_budget.numel() != 1 or spectral_budget.is_floating_point() or spectral_budget.is_complex():
-            raise ValueError(f"{name} must be {valid}; got a tensor {spectral_budget!r}.")
-        spectral_budget = spectral_budget.item()
-    if isinstance(spectral_budget, bool) or not isinstance(spectral_budget, numbers.Integral):
-        raise ValueError(f"{name} must be {valid}; got {spectral_budget!r} of type "
-                         f"{type(spectral_budget).__name__}.")
-    if not low <= spectral_budget <= high:
-        raise ValueError(f"{name} must be {valid}; got {spectral_budget}.")
-    return int(spectral_budget)
+        if config.spectral_budget is None:
+            return config.num_spectral_filters
+        return check_spectral_budget(config.spectral_budget, config, "config.spectral_budget (the model's default budget)")
+    if isinstance(spectral_budget, torch.Tensor):  # checked as the Python numbers it holds
+        spectral_budget = spectral_budget.item() if spectral_budget.numel() == 1 else spectral_budget.tolist()
+    return check_spectral_budget(spectral_budget, config)
 
 
-def resolve_draft_budget(draft_budget, spectral_budget: int, config: ESSSMConfig) -> int:
-    """The budget self-speculative decoding drafts at: an integer below the verifying budget."""
-    low = config.min_spectral_budget
+def resolve_draft_budget(draft_budget, spectral_budget, config: ESSSMConfig) -> int:
+    """The budget self-speculative decoding drafts at: an integer below the verifying budget (its largest layer
+    budget when that is per layer)."""
+    low, top = config.min_spectral_budget, max(config.layer_budgets(spectral_budget))
     if (isinstance(draft_budget, bool) or not isinstance(draft_budget, numbers.Integral)
-            or not low <= draft_budget < spectral_budget):
-        raise ValueError(f"draft_budget must be an integer in [{low}, {spectral_budget - 1}] (min_spectral_budget to "
-                         f"spectral_budget - 1, the budget it drafts for); got {draft_budget!r}.")
+            or not low <= draft_budget < top):
+        raise ValueError(f"draft_budget must be an integer in [{low}, {top - 1}] (min_spectral_budget to "
+                         f"spectral_budget - 1, the budget it drafts for, or its largest layer budget - 1); "
+                         f"got {draft_budget!r}.")
     return int(draft_budget)
 
 
@@ -126,7 +119,8 @@ class ESSSMSpectralMixer(nn.Module):
 
     gate_in, gate_out: the gate MLP D -> gate_hidden_size -> K, whose logits are cut to the first k,
         rescaled to unit RMS and softmaxed over those k only (the same rule at every budget);
-    spectral_proj: the K learned D x D matrices, stacked (K, D, D); the mixer uses them times
+    spectral_proj: the layer's K learned D x D matrices, stacked (K, D, D) (K_l of a model sliced per layer,
+        `config.num_spectral_filters_per_layer[layer_idx]`); the mixer uses them times
         `spectral_proj_multiplier` (see ESSSMConfig: it makes the spectral path learn at a plain layer's pace);
     skip_proj: the learned D x D skip matrix W_skip (the paper writes it D, which here is the width).
     local_conv: a depthwise causal convolution over the last `local_conv_size` inputs, budget independent
@@ -135,9 +129,9 @@ class ESSSMSpectralMixer(nn.Module):
     softmax stay in float32.
     """
 
-    def __init__(self, config: ESSSMConfig):
+    def __init__(self, config: ESSSMConfig, layer_idx: int = 0):
         super().__init__()
-        hidden, num_filters = config.hidden_size, config.num_spectral_filters
+        hidden, num_filters = config.hidden_size, config.layer_spectral_filters[layer_idx]
         self.gate_in = nn.Linear(hidden, config.gate_hidden_size)
         self.gate_out = nn.Linear(config.gate_hidden_size, num_filters)
         self.spectral_proj = nn.Parameter(torch.empty(num_filters, hidden, hidden))
@@ -288,7 +282,7 @@ class ESSSMBlock(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         drop_path = config.drop_path_rate * layer_idx / max(1, config.num_hidden_layers - 1)
         self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mixer = ESSSMSpectralMixer(config)
+        self.mixer = ESSSMSpectralMixer(config, layer_idx)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.drop_path = DropPath(drop_path)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.intermediate_size else None
@@ -296,6 +290,7 @@ class ESSSMBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, filter_spectrum, spectral_budget: int, padding_mask=None, cache=None,
                 spectral_basis=None):
+        """filter_spectrum covers at least this layer's `spectral_budget` channels; the mixer reads its first ones."""
         u = self.mixer_norm(hidden_states)
         if padding_mask is not None:
             u = u * padding_mask  # padded positions must not leak into later positions through the convolution
@@ -331,18 +326,20 @@ class ESSSMPreTrainedModel(PreTrainedModel):
             init.copy_(module.eigenvalues, eigenvalues.float())
             init.copy_(module.filters, filters.float())
 
-    def slice_to_budget(self, spectral_budget: int) -> "ESSSMPreTrainedModel":
-        """A new, smaller model of the same class whose full budget is `spectral_budget`.
+    def slice_to_budget(self, spectral_budget: int | list[int]) -> "ESSSMPreTrainedModel":
+        """A new, smaller model of the same class whose full budget is `spectral_budget`, an integer or one per layer.
 
-        Its outputs equal this model's at that budget: the channels above it are dropped, which is
-        exactly slicing the filters, eigenvalues, projections M_j and the gate's last rows.
+        Its outputs equal this model's at that budget: the channels above it are dropped, which is exactly slicing
+        the filters, eigenvalues, projections M_j and the gate's last rows (per layer: each layer's own, and the
+        filters to the largest). A default budget above the slice's is dropped: the slice runs at its full budget.
         """
         budget = resolve_spectral_budget(spectral_budget, self.config)
+        layer_budgets = self.config.layer_budgets(budget)
         config = copy.deepcopy(self.config)
-        config.num_spectral_filters = budget
-        config.min_spectral_budget = min(config.min_spectral_budget, budget)
-        if config.spectral_budget is not None and config.spectral_budget > budget:  # the slice's full budget instead
-            config.spectral_budget = None
+        config.num_spectral_filters = max(layer_budgets)
+        config.num_spectral_filters_per_layer = None if len(set(layer_budgets)) == 1 else list(layer_budgets)
+        config.min_spectral_budget = min(config.min_spectral_budget, *layer_budgets)
+        config.spectral_budget = within_slice(config.spectral_budget, config)
         sliced = type(self)(config).to(device=self.device, dtype=self.dtype)
         source = self.state_dict()
         state = {
@@ -353,10 +350,20 @@ class ESSSMPreTrainedModel(PreTrainedModel):
         if self.can_generate():
             sliced.generation_config = copy.deepcopy(self.generation_config)
             default = getattr(sliced.generation_config, "spectral_budget", None)
-            if default is not None and default > budget:  # above the new K: the sliced model's full budget instead
-                sliced.generation_config.spectral_budget = None
+            sliced.generation_config.spectral_budget = within_slice(default, config)
         sliced.train(self.training)
         return sliced
+
+
+def within_slice(default_budget, sliced_config: ESSSMConfig):
+    """A default budget kept by a slice when valid there, else None (the slice's full budget)."""
+    if default_budget is None:
+        return None
+    try:
+        budget = check_spectral_budget(default_budget, sliced_config)
+    except ValueError:
+        return None
+    return list(budget) if isinstance(budget, tuple) else budget
 
 
 class ESSSMModel(ESSSMPreTrainedModel):
@@ -421,6 +428,7 @@ class ESSSMModel(ESSSMPreTrainedModel):
             Start a new cache and return it. Off by default: a cache keeps every block's input alive.
         """
         budget = resolve_spectral_budget(spectral_budget, self.config)
+        layer_budgets = self.config.layer_budgets(budget)
         hidden_states = self.embedding_dropout(self.embed(input_ids, inputs_embeds, input_values))  # (B, T, D)
         seq_len = hidden_states.shape[1]
         if cache is not None and not isinstance(cache, ESSSMCache):
@@ -439,14 +447,15 @@ class ESSSMModel(ESSSMPreTrainedModel):
         if attention_mask is not None:
             padding_mask = attention_mask[:, -seq_len:, None].to(hidden_states.dtype)  # (B, T, 1)
         if cache is not None:
-            self._extend_cache(cache, hidden_states, padding_mask, budget)
-        # Blocks continuing a cache convolve from their history instead; the whole-sequence path needs the spectrum.
-        filter_spectrum = self.spectral_basis.filter_spectrum(seq_len, budget) if past == 0 else None
+            self._extend_cache(cache, hidden_states, padding_mask, layer_budgets)
+        # Blocks continuing a cache convolve from their history instead; the whole-sequence path needs the spectrum,
+        # once for the largest layer budget: each block reads its first channels.
+        filter_spectrum = self.spectral_basis.filter_spectrum(seq_len, max(layer_budgets)) if past == 0 else None
         all_hidden_states = () if output_hidden_states else None
-        for block in self.layers:
+        for block, layer_budget in zip(self.layers, layer_budgets):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, filter_spectrum, budget, padding_mask, cache=cache,
+            hidden_states = block(hidden_states, filter_spectrum, layer_budget, padding_mask, cache=cache,
                                   spectral_basis=self.spectral_basis)
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
@@ -469,16 +478,17 @@ class ESSSMModel(ESSSMPreTrainedModel):
             raise ValueError(f"With a cache of {past} tokens and {seq_len} new ones, attention_mask must cover the new "
                              f"tokens or all {past + seq_len}; got length {attention_mask.shape[1]}.")
 
-    def _extend_cache(self, cache: ESSSMCache, embeddings: torch.Tensor, padding_mask, budget: int) -> None:
-        """Record the new block-0 inputs, after rebuilding the history if the cache was built at another budget."""
-        if cache.get_seq_length() > 0 and cache.spectral_budget != budget:
+    def _extend_cache(self, cache: ESSSMCache, embeddings: torch.Tensor, padding_mask,
+                      layer_budgets: tuple[int, ...]) -> None:
+        """Record the new block-0 inputs, after rebuilding the history if the cache was built at other budgets."""
+        if cache.get_seq_length() > 0 and cache.spectral_budget != layer_budgets:
             # Block 0's inputs are the same at every budget, deeper ones are not: one forward pass over the history
             # at the new budget gives every block the inputs a full forward at that budget would give it.
             rebuilt = ESSSMCache(self.config, future_fill=cache.future_fill)
             self(inputs_embeds=cache.embeddings.values, attention_mask=cache.attention_mask.values,
-                 spectral_budget=budget, cache=rebuilt, output_hidden_states=False)
+                 spectral_budget=layer_budgets, cache=rebuilt, output_hidden_states=False)
             cache.layers = rebuilt.layers
-        cache.spectral_budget = budget
+        cache.spectral_budget = layer_budgets
         cache.embeddings.append(embeddings)
         mask = padding_mask[..., 0] if padding_mask is not None else embeddings.new_ones(embeddings.shape[:2])
         cache.attention_mask.append(mask)

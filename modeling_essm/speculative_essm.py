@@ -62,7 +62,7 @@ class ESSSMDraftCandidateGenerator(CandidateGenerator):
         if count <= 0 or verified == 0:  # nothing to draft from before the target's prefill: a plain first step
             return input_ids, None
         # The tokens verified since the last round replace the drafts made for them.
-        self.cache.follow(self.target_cache, self.followed, self.draft_budget)
+        self.cache.follow(self.target_cache, self.followed, self.model.config.layer_budgets(self.draft_budget))
         self.followed = verified
         # The drafts only propose, so they ignore any attention mask: a mask of a single row can only zero its
         # left end, and the verifying forward applies it.

@@ -50,9 +50,10 @@ def test_the_default_is_set_at_load_time_saved_and_reloaded(tmp_path):
     assert AutoConfig.for_model("essm", spectral_budget=4).spectral_budget == 4
 
 
-@pytest.mark.parametrize("bad", [1, K + 1, 2.5, "4", True])
+@pytest.mark.parametrize("bad", [1, K + 1, 2.5, "4", True, [4], [4, K + 1], [4, 1.5]])
 def test_bad_defaults_name_the_valid_range_in_the_config_and_at_load_time(bad, tmp_path):
-    message = rf"spectral_budget \(the model's default budget\) must be None \(the full budget\) or an integer in \[2, {K}\]"
+    message = (rf"spectral_budget \(the model's default budget, None for the full budget\) must be an integer in "
+               rf"\[2, {K}\] .* or a list of 2 integers, one per layer")
     with pytest.raises(ValueError, match=message):
         tiny_config(spectral_budget=bad)
     tiny_config().save_pretrained(tmp_path)

@@ -112,7 +112,7 @@ def test_crop_refuses_counts_it_cannot_remove(lm):
         with pytest.raises(ValueError, match=r"an integer in \[-10, 0\] for this cache of 10 tokens"):
             cache.crop(bad)
     cache.crop(0)
-    assert cache.get_seq_length() == 10 and cache.spectral_budget == 4
+    assert cache.get_seq_length() == 10 and cache.spectral_budget == (4, 4)
     cache.crop(-10)
     assert cache.get_seq_length() == 0 and cache.spectral_budget is None
 
@@ -125,11 +125,11 @@ def test_continuing_at_another_budget_equals_a_full_forward_at_that_budget(lm, f
         lm(ids[:, :50], attention_mask=mask[:, :50], cache=cache, spectral_budget=first)
         for t in range(50, 60):  # into a FutureFill epoch at the first budget
             lm(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, spectral_budget=first)
-        assert cache.spectral_budget == first
+        assert cache.spectral_budget == (first, first)  # one budget per block
         logits = [lm(ids[:, 60:61], attention_mask=mask[:, :61], cache=cache, spectral_budget=second).logits,
                   lm(ids[:, 61:75], attention_mask=mask[:, :75], cache=cache, spectral_budget=second).logits]
         logits += [lm(ids[:, t : t + 1], cache=cache, spectral_budget=second).logits for t in range(75, 90)]
-        assert cache.spectral_budget == second
+        assert cache.spectral_budget == (second, second)
         expected = lm(ids, attention_mask=mask, spectral_budget=second).logits[:, 60:]
     assert_close(torch.cat(logits, 1), expected, atol=1e-4, rtol=0)
 
@@ -149,7 +149,7 @@ def test_forward_keeps_a_cache_only_when_asked(lm):
     ids = tokens(2, 30, seed=9)
     assert lm(ids).cache is None
     cache = lm(ids, use_cache=True, spectral_budget=4).cache
-    assert isinstance(cache, ESSSMCache) and cache.get_seq_length() == 30 and cache.spectral_budget == 4
+    assert isinstance(cache, ESSSMCache) and cache.get_seq_length() == 30 and cache.spectral_budget == (4, 4)
     with pytest.warns(FutureWarning):
         continued = lm(ids[:, :1], past_key_values=cache, spectral_budget=4)  # the deprecated name
     assert continued.cache is cache and cache.get_seq_length() == 31
@@ -182,7 +182,7 @@ def test_greedy_generation_with_the_cache_equals_without(lm, k):
     prompt = tokens(2, 24, seed=11)
     cached = greedy(lm, prompt, max_new_tokens=40, spectral_budget=k)
     assert_same_generation(cached, greedy(lm, prompt, max_new_tokens=40, spectral_budget=k, use_cache=False))
-    assert isinstance(cached.cache, ESSSMCache) and cached.cache.spectral_budget == k
+    assert isinstance(cached.cache, ESSSMCache) and cached.cache.spectral_budget == (k, k)
     assert cached.cache.get_seq_length() == 24 + 40 - 1  # the last token is returned, never fed
 
 
@@ -236,7 +236,7 @@ def test_generate_continues_a_returned_cache(lm, first, second, inputs):
     expected = greedy(lm, whole, max_new_tokens=12, spectral_budget=second, use_cache=False)
     assert torch.equal(continued.sequences[:, -12:], expected.sequences[:, -12:])
     assert_close(torch.stack(continued.logits), torch.stack(expected.logits), atol=1e-4, rtol=0)
-    assert cache.spectral_budget == second and cache.get_seq_length() == whole.shape[1] + 11  # nothing fed twice
+    assert cache.spectral_budget == (second, second) and cache.get_seq_length() == whole.shape[1] + 11  # nothing fed twice
 
 
 def test_generate_recomputes_the_last_token_when_the_cache_holds_the_whole_prompt(lm):

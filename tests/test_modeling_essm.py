@@ -359,7 +359,7 @@ def test_new_fields_are_saved_and_reloaded(tmp_path):
 # --- bad input ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("budget", [0, 1, K + 1, -3, 2.5, True, "8", torch.tensor([2, 3]), torch.tensor(4.0)])
+@pytest.mark.parametrize("budget", [0, 1, K + 1, -3, 2.5, True, "8", torch.tensor([2, 3, 4]), torch.tensor(4.0)])
 def test_bad_budgets_name_the_valid_range(causal_lm, budget):
     with pytest.raises(ValueError, match=rf"\[2, {K}\]"):
         causal_lm(tokens(), spectral_budget=budget)

@@ -92,7 +92,7 @@ def test_self_speculative_sampling_keeps_the_full_budget_distribution():
         first = lm(ids).logits[:, -1:].argmax(-1)
         p_logits = lm(torch.cat([ids, first], 1)).logits[0, -1]
         draft = ESSSMCache(lm.config)
-        draft.follow(lm(ids, use_cache=True).cache, 0, 2)
+        draft.follow(lm(ids, use_cache=True).cache, 0, (2, 2))
         q_logits = lm(first, cache=draft, spectral_budget=2).logits[0, -1]
     p, q = (torch.zeros(259).index_put_((top.indices,), top.values.softmax(0))
             for top in (p_logits.topk(4), q_logits.topk(4)))
@@ -115,14 +115,14 @@ def test_a_draft_cache_takes_over_the_verified_histories(lm):
         source = lm(ids[:, :40], use_cache=True, spectral_budget=4).cache
         draft = lm(ids[:, :20], use_cache=True, spectral_budget=4).cache
         lm(tokens(1, 10, seed=43), cache=draft, spectral_budget=4)  # drafts that verification rejected
-        draft.follow(source, 20, 4)
+        draft.follow(source, 20, (4, 4))
         logits = [lm(ids[:, t : t + 1], cache=draft, spectral_budget=4).logits for t in range(40, 60)]
         assert_close(torch.cat(logits, 1), lm(ids, spectral_budget=4).logits[:, 40:], atol=1e-4, rtol=0)
         # From a cache of the full budget: its histories are continued at the draft's budget, not rebuilt.
         full = lm(ids[:, :40], use_cache=True).cache
-        draft.follow(full, 0, 2)
+        draft.follow(full, 0, (2, 2))
         lm(ids[:, 40:41], cache=draft, spectral_budget=2)
-    assert draft.spectral_budget == 2 and draft.get_seq_length() == 41
+    assert draft.spectral_budget == (2, 2) and draft.get_seq_length() == 41
     assert all(torch.equal(mine.inputs.values[:, :40], theirs.inputs.values)
                for mine, theirs in zip(draft.layers, full.layers))
 
