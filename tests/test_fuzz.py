@@ -22,7 +22,9 @@ torch.manual_seed(0)
 MODELS = {dtype: ESSSMForCausalLM(tiny_config()).eval().to(dtype) for dtype in (torch.float32, torch.bfloat16)}
 
 budgets = st.one_of(st.none(), st.integers(-2, K + 2), st.booleans(), st.floats(allow_nan=True, width=32),
-                    st.text(max_size=2), st.just(torch.tensor(4)), st.just(torch.tensor([2, 3])))
+                    st.text(max_size=2), st.just(torch.tensor(4)), st.just(torch.tensor([2, 3])),
+                    st.just(torch.tensor([2.0, 3.0])), st.lists(st.integers(0, K + 2), min_size=1, max_size=3))
+LAYERS = 2  # num_hidden_layers of tiny_config: a per-layer budget has this many entries
 
 
 @st.composite
@@ -39,7 +41,9 @@ def calls(draw):
 
 def is_valid_budget(budget):
     if isinstance(budget, torch.Tensor):
-        return budget.numel() == 1 and not budget.is_floating_point() and 2 <= budget.item() <= K
+        return not budget.is_floating_point() and is_valid_budget(budget.item() if budget.numel() == 1 else budget.tolist())
+    if isinstance(budget, list):
+        return len(budget) == LAYERS and all(is_valid_budget(k) for k in budget)
     return budget is None or (isinstance(budget, numbers.Integral) and not isinstance(budget, bool) and 2 <= budget <= K)
 
 
