@@ -1,4 +1,4 @@
-"""Console entry points: `essm-train` and `essm-eval-budgets`."""
+"""Console entry points: `essm-train`, `essm-eval-budgets` and `essm-plan`."""
 
 import argparse
 import contextlib
@@ -82,3 +82,44 @@ def eval_budgets_main(argv=None):
         output_dir=args.output_dir,
         command=command,
     )
+
+
+def plan_main(argv=None):
+    from .planner import TARGETS
+
+    parser = argparse.ArgumentParser(
+        prog="essm-plan",
+        description="Measure a trained ES-SSM at uniform and per-layer budgets (quality, parameters, FLOPs, latency, "
+        "peak memory), write the frontier to budget_plan.{json,png}, and given a target pick the best plan and "
+        "write it as the model's default budget or as a sliced model.",
+    )
+    parser.add_argument("model_dir", help="a saved model folder (the output_dir of an essm-train run, or any)")
+    parser.add_argument("--data", help="your evaluation data: a datasets folder (save_to_disk) or a .json, .jsonl, "
+                        ".csv or .parquet file with a text column (and a label column for a classifier) or "
+                        "input_ids; default: the eval split of the task in the folder's run_config.yaml")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N examples only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per latency (the median is reported)")
+    for name, field in TARGETS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float,
+                            help=f"target: {field.replace('_', ' ')} at most this"
+                            + (" (relative to the full budget, e.g. 0.05)" if field == "quality_drop" else ""))
+    parser.add_argument("--write-default", metavar="DIR", help="save the model with the chosen plan as its default "
+                        "budget into DIR (new or empty)")
+    parser.add_argument("--write-slice", metavar="DIR", help="save the model sliced to the chosen plan into DIR "
+                        "(new or empty)")
+    parser.add_argument("--output-dir", help="where to write budget_plan.{json,png} (default: model_dir)")
+    args = parser.parse_args(argv)
+    from .planner import check_plan_request, plan_budgets
+
+    targets = {name: getattr(args, name) for name in TARGETS}
+    request = dict(data=args.data, targets=targets, write_default=args.write_default, write_slice=args.write_slice)
+    sizes = dict(max_eval_samples=args.max_eval_samples, batch_size=args.batch_size, repeats=args.repeats)
+    command = shlex.join(["essm-plan", *(sys.argv[1:] if argv is None else argv)])
+    with user_errors_in_one_line(parser):
+        check_plan_request(args.model_dir, **request, **sizes)  # before the data and the model load
+        # A target no measured plan meets ends here too, in one line, after the frontier is written.
+        plan_budgets(args.model_dir, **request, **sizes, output_dir=args.output_dir, text_column=args.text_column,
+                     label_column=args.label_column, command=command)
