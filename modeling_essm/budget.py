@@ -43,6 +43,10 @@ class BudgetSampler:
       - ``"uniform"``: like ``"paper"`` but the free steps draw uniformly from the grid.
       - ``"fixed"``: always ``fixed_budget`` (the non-elastic ablation).
 
+    ``per_layer=True`` gives each of the ``num_layers`` layers its own draw on the free steps (a tuple, one budget
+    per layer; the first layer's is the draw ``per_layer=False`` would make), so that training meets the per-layer
+    plans a deployment may run (see ``modeling_essm.planner``).
+
     ``sampler(step)`` depends only on ``(seed, step)`` and the settings: no state is kept between calls.
     ``full_every=0`` never forces the full budget.
     """
@@ -58,6 +62,8 @@ class BudgetSampler:
         fixed_budget=None,
         seed=0,
         bias=PAPER_BIAS,
+        per_layer=False,
+        num_layers=1,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown budget schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
@@ -70,7 +76,12 @@ class BudgetSampler:
         _check_int("seed", seed, 0)
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not 0 < bias < math.inf:
             raise ValueError(f"bias must be a positive number (0.6: the paper's lean to large budgets), got {bias!r}")
+        if not isinstance(per_layer, bool):
+            raise ValueError(f"per_layer must be true or false, got {per_layer!r}")
+        _check_int("num_layers", num_layers, 1)
         self.schedule = schedule
+        self.per_layer = per_layer
+        self.num_layers = num_layers
         self.num_filters = num_filters
         self.min_budget = min_budget
         self.grid = self._validated_grid(grid)
@@ -82,8 +93,9 @@ class BudgetSampler:
 
     @classmethod
     def from_config(cls, config, **kwargs):
-        """A sampler matching an ``ESSSMConfig``'s K and minimum budget."""
-        return cls(num_filters=config.num_spectral_filters, min_budget=config.min_spectral_budget, **kwargs)
+        """A sampler matching an ``ESSSMConfig``'s K, minimum budget and number of layers."""
+        return cls(num_filters=config.num_spectral_filters, min_budget=config.min_spectral_budget,
+                   num_layers=config.num_hidden_layers, **kwargs)
 
     def _validated_grid(self, grid):
         if grid is None:
@@ -118,9 +130,21 @@ class BudgetSampler:
             return self.num_filters
         # A string seed is hashed with SHA-512: stable across processes, platforms and Python versions.
         rng = random.Random(f"essm-budget:{self.seed}:{step}")
+        if self.per_layer:
+            return tuple(self.draw(rng) for _ in range(self.num_layers))
+        return self.draw(rng)
+
+    def draw(self, rng):
         if self.schedule == "uniform":
             return rng.choice(self.grid)
         return self.snap_to_grid(self.paper_continuous_budget(rng.random()))
+
+    def layer_budgets(self, step):
+        """The budgets the layers run at on `step`: one per layer with per-layer draws, else the step's one."""
+        budget = self(step)
+        if isinstance(budget, tuple):
+            return list(budget)
+        return [budget] * (self.num_layers if self.per_layer else 1)
 
     def paper_continuous_budget(self, u):
         """Map ``u`` in [0, 1) to a budget in ``[min_budget, K]``, leaning as ``bias`` says."""
@@ -133,6 +157,8 @@ class BudgetSampler:
 
     def __repr__(self):
         settings = f"schedule={self.schedule!r}, num_filters={self.num_filters}, min_budget={self.min_budget}"
+        if self.per_layer:
+            settings += f", per_layer=True, num_layers={self.num_layers}"
         if self.schedule == "fixed":
             return f"{type(self).__name__}({settings}, fixed_budget={self.fixed_budget})"
         return (
@@ -166,7 +192,7 @@ class BudgetSamplingCallback(TrainerCallback):
 
     The number of steps run at each budget since the previous log is added to the Trainer's logs (and
     ``state.log_history``) as ``budget_count_<k>`` entries; summed over the history they count every step
-    of the run, across resumes.
+    of the run, across resumes. With per-layer draws they count layer-steps: each step once per layer.
     """
 
     def __init__(self, sampler=None):
@@ -189,6 +215,12 @@ class BudgetSamplingCallback(TrainerCallback):
                 f"the budget sampler's min_budget={self.sampler.min_budget} is below the model's "
                 f"min_spectral_budget={config.min_spectral_budget}"
             )
+        elif self.sampler.per_layer and self.sampler.num_layers != config.num_hidden_layers:
+            raise ValueError(f"the budget sampler draws for num_layers={self.sampler.num_layers} layers but the "
+                             f"model has num_hidden_layers={config.num_hidden_layers}")
+        if self._active_sampler.per_layer and config.num_spectral_filters_per_layer is not None:
+            raise ValueError("per-layer draws need the same K in every layer; this model was sliced per layer "
+                             f"(num_spectral_filters_per_layer={config.num_spectral_filters_per_layer})")
         self._logged_through_step = last_counted_step(state.log_history)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -208,7 +240,7 @@ class BudgetSamplingCallback(TrainerCallback):
         # Draws are a pure function of the step, so replaying them counts exactly the budgets that ran,
         # including steps taken before a resumed checkpoint but after its last log.
         steps = range(self._logged_through_step, state.global_step)
-        counts = Counter(self._active_sampler(step) for step in steps)
+        counts = Counter(k for step in steps for k in self._active_sampler.layer_budgets(step))
         entries = {f"budget_count_{k}": n for k, n in sorted(counts.items())}
         self._logged_through_step = state.global_step
         # The Trainer appends a copy of `logs` to the history before calling back, so update both:

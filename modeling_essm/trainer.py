@@ -81,6 +81,9 @@ class SandwichRule:
     def __init__(self, sampler: BudgetSampler, distillation: bool = True):
         if not isinstance(distillation, bool):
             raise ValueError(f"distillation must be true or false, got {distillation!r}")
+        if sampler.per_layer:
+            raise ValueError("the sandwich rule trains whole-model budgets (K, a draw, the smallest): use it without "
+                             "per-layer draws (budget.per_layer)")
         self.sampler = sampler
         self.distillation = distillation
 

@@ -5,8 +5,8 @@ A run config has four sections and an optional fifth:
     task:      arguments of `modeling_essm.tasks.load_task` (`name` required)
     model:     `ESSSMConfig` fields; the task fills vocab_size, input_size, num_labels, pad_token_id
                and (by default) max_position_embeddings
-    budget:    `BudgetSampler` settings (schedule, grid, warmup_steps, full_every, fixed_budget, seed);
-               K and the minimum come from the model
+    budget:    `BudgetSampler` settings (schedule, grid, warmup_steps, full_every, fixed_budget, seed, bias,
+               per_layer); K, the minimum and the number of layers come from the model
     training:  `transformers.TrainingArguments` (`output_dir` required)
     recipe:    optional `ESSSMTrainer` / `EMACallback` options: `decay_embeddings` (default true),
                `ema_decay` (default null: no average), `sandwich` (default false) and `distillation`
@@ -36,8 +36,8 @@ from .trainer import EMACallback, ESSSMTrainer, SandwichRule
 
 
 SECTIONS = ("task", "model", "budget", "training", "recipe")
-# K and the minimum budget come from the model.
-BUDGET_FIELDS = set(inspect.signature(BudgetSampler).parameters) - {"num_filters", "min_budget"}
+# K, the minimum budget and the number of layers come from the model.
+BUDGET_FIELDS = set(inspect.signature(BudgetSampler).parameters) - {"num_filters", "min_budget", "num_layers"}
 RECIPE_DEFAULTS = {"decay_embeddings": True, "ema_decay": None, "sandwich": False, "distillation": True,
                    "eval_budgets": None}
 # Filled from the task's data: a config that sets them differently would build a model that cannot read it.
@@ -354,7 +354,8 @@ def train(run_config, resume_from_checkpoint=None, build_model=None):
         save_tokenizer_for(task, output_dir)
         counts = budget_counts(trainer.state.log_history)
         if counts:  # a baseline has no budgets
-            print("steps per training budget: " + ", ".join(f"k={k}: {n}" for k, n in counts.items()))
+            unit = "layer-steps" if run_config["budget"].get("per_layer") else "steps"
+            print(f"{unit} per training budget: " + ", ".join(f"k={k}: {n}" for k, n in counts.items()))
     return trainer, metrics
 
 

@@ -264,3 +264,43 @@ def test_torchrun_ranks_agree_on_every_budget(tmp_path):
     budgets = [training_budgets(rank["records"]) for rank in ranks]
     assert budgets[0] == budgets[1]
     assert [step for step, _ in budgets[0]] == [step for step in range(6) for _ in range(2)]
+
+
+# ---- per-layer draws ----
+
+
+def test_per_layer_draws_give_each_layer_its_own_budget_and_keep_the_first_layers_draw():
+    shared = BudgetSampler(num_filters=32, seed=3, warmup_steps=2, full_every=4)
+    per_layer = BudgetSampler(num_filters=32, seed=3, warmup_steps=2, full_every=4, per_layer=True, num_layers=3)
+    draws = [per_layer(step) for step in range(400)]
+    assert draws[:2] == [32, 32] and draws[3] == 32  # warm-up and forced full steps: every layer at K
+    free = [draw for step, draw in enumerate(draws) if step >= 2 and (step + 1) % 4]
+    assert all(isinstance(draw, tuple) and len(draw) == 3 for draw in free)
+    assert [draw[0] for draw in free] == [shared(step) for step in range(2, 400) if (step + 1) % 4]
+    assert sum(len(set(draw)) > 1 for draw in free) > 0.8 * len(free)  # the layers differ on most steps
+    assert draws == [per_layer(step) for step in range(400)]  # a pure function of (seed, step)
+    assert per_layer.layer_budgets(3) == [32, 32, 32] and per_layer.layer_budgets(5) == list(draws[5])
+    with pytest.raises(ValueError, match="per_layer must be true or false"):
+        BudgetSampler(per_layer="yes")
+    with pytest.raises(ValueError, match="num_layers must be an integer >= 1"):
+        BudgetSampler(per_layer=True, num_layers=0)
+
+
+def test_per_layer_draws_reach_the_model_and_are_counted_per_layer(tmp_path):
+    sampler = BudgetSampler("uniform", num_filters=NUM_FILTERS, full_every=0, seed=0, per_layer=True, num_layers=2)
+    trainer = tiny_trainer(tmp_path, sampler=sampler, max_steps=5, logging_steps=5)
+    records = record_budgets(trainer)
+    trainer.train()
+    assert [budget for _, budget in training_budgets(records)] == [sampler(step) for step in range(5)]
+    expected = Counter(k for step in range(5) for k in sampler(step))
+    assert budget_counts(trainer.state.log_history) == dict(sorted(expected.items()))  # 10 layer-steps
+
+
+def test_per_layer_draws_are_refused_where_they_cannot_apply(tmp_path):
+    from modeling_essm.trainer import SandwichRule
+
+    with pytest.raises(ValueError, match="sandwich rule trains whole-model budgets"):
+        SandwichRule(BudgetSampler(num_filters=8, per_layer=True, num_layers=2))
+    sampler = BudgetSampler(num_filters=NUM_FILTERS, per_layer=True, num_layers=3)
+    with pytest.raises(ValueError, match="draws for num_layers=3 layers but the model has num_hidden_layers=2"):
+        tiny_trainer(tmp_path, sampler=sampler, max_steps=1).train()
