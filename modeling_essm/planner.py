@@ -264,11 +264,24 @@ def per_layer_against_uniform(rows, metric: str, cost="flops_per_token") -> list
         gain = None
         if best is not None:
             gain = best[metric] - uniform[metric] if metric == "accuracy" else uniform[metric] - best[metric]
-        comparison.append({"uniform": uniform["budget"], metric: uniform[metric], cost: uniform[cost],
-                           "best_per_layer": best["budget"] if best else None,
+        comparison.append({"uniform": uniform["budget"], metric: uniform[metric], "loss": uniform["loss"],
+                           cost: uniform[cost], "best_per_layer": best["budget"] if best else None,
                            f"best_per_layer_{metric}": best[metric] if best else None,
+                           "best_per_layer_loss": best["loss"] if best else None,
                            f"best_per_layer_{cost}": best[cost] if best else None, "gain": gain})
     return comparison
+
+
+def comparison_table(comparison, metric: str) -> str:
+    """per_layer_against_uniform as markdown: each uniform budget against the best searched plan within its FLOPs."""
+    lines = [f"| uniform k | {metric} | loss | MFLOPs/token | best searched plan within it | {metric} | loss | "
+             "MFLOPs/token |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for row in comparison:
+        lines.append(f"| {row['uniform']} | {row[metric]:.4f} | {row['loss']:.4f} | "
+                     f"{row['flops_per_token'] / 1e6:.3f} | {row['best_per_layer']} | "
+                     f"{row[f'best_per_layer_{metric}']:.4f} | {row['best_per_layer_loss']:.4f} | "
+                     f"{row['best_per_layer_flops_per_token'] / 1e6:.3f} |")
+    return "\n".join(lines)
 
 
 def choose_plan(rows, targets: dict):
@@ -412,6 +425,9 @@ def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_s
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     plot_frontier(rows, metric, output_dir / f"{REPORT_NAME}.png", title=str(model_dir))
     print(summary_table(rows, metric))
+    print("frontier (no plan is both cheaper and better): " + "; ".join(
+        f"{cost}: {report['frontier'][cost]}" for cost in ("flops_per_token", "ms_per_token", "parameters")))
+    print(comparison_table(report["per_layer_against_uniform"], metric))
     if targets:
         report["target"] = choose_and_check(model, model_dir, rows, measured[full], targets, dataset, collator,
                                             sequence, batch, causal_lm, batch_size, repeats, default_path, slice_path)
