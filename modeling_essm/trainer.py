@@ -102,7 +102,8 @@ class ESSSMTrainer(Trainer):
         the full budget's detached predictions when `sandwich.distillation` is set. Without it the model trains
         at whatever budget its forward gets (`BudgetSamplingCallback` draws one per step).
     eval_budgets: budgets that every evaluation also measures, beside the model's default budget: the metrics
-        gain `eval_<metric>_k<k>` (for example `eval_loss_k4`, `eval_accuracy_k4`), logged with the others.
+        gain `eval_<metric>_k<k>` (for example `eval_loss_k4`, `eval_accuracy_k4`; a per-layer budget [2, 8] gives
+        `eval_loss_k2-8`), logged with the others.
     """
 
     def __init__(self, *args, decay_embeddings: bool = True, sandwich: SandwichRule | None = None,
@@ -124,10 +125,12 @@ class ESSSMTrainer(Trainer):
         default = config.spectral_budget
         try:
             for budget in self.eval_budgets:
-                config.spectral_budget = budget  # what every call without a budget runs at
+                per_layer = isinstance(budget, tuple)
+                config.spectral_budget = list(budget) if per_layer else budget  # what calls without a budget run at
                 at_budget = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                                     metric_key_prefix)
-                output.metrics.update({f"{key}_k{budget}": value for key, value in at_budget.metrics.items()
+                label = "-".join(map(str, budget)) if per_layer else budget  # per layer: eval_loss_k2-8
+                output.metrics.update({f"{key}_k{label}": value for key, value in at_budget.metrics.items()
                                        if not key.endswith(("_runtime", "_per_second"))})
         finally:
             config.spectral_budget = default

@@ -209,8 +209,10 @@ def test_sandwich_trains_with_the_trainer(tmp_path):
 
 def test_every_evaluation_also_measures_the_eval_budgets(tmp_path):
     model = tiny_model()
-    trainer = trainer_for(tmp_path, model=model, eval_budgets=[2, 4])
+    trainer = trainer_for(tmp_path, model=model, eval_budgets=[2, 4, [2, 8]])
     metrics = trainer.evaluate()
+    model.config.spectral_budget = [2, 8]  # a per-layer budget is labelled with each layer's
+    assert metrics["eval_loss_k2-8"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
     for budget in (2, 4):
         model.config.spectral_budget = budget  # the same data evaluated with the model's default set by hand
         assert metrics[f"eval_loss_k{budget}"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
