@@ -254,33 +254,40 @@ def pareto_front(rows, cost: str, metric: str) -> list:
     return front
 
 
+def uniform_curve_at(uniform_rows, cost: str, field: str, at: float):
+    """`field` of the uniform budgets, linear in `cost` between the two that bracket `at` (None outside them)."""
+    points = sorted((row[cost], row[field]) for row in uniform_rows)
+    for (low_cost, low), (high_cost, high) in zip(points, points[1:]):
+        if low_cost <= at <= high_cost:
+            return low + (high - low) * (at - low_cost) / (high_cost - low_cost)
+    return None
+
+
 def per_layer_against_uniform(rows, metric: str, cost="flops_per_token") -> list:
-    """For each uniform budget: its quality, and that of the best plan of the per-layer search costing no more."""
-    per_layer = [row for row in rows if row["searched"]]
+    """Each per-layer plan against the uniform budgets at its cost: the uniform curve is interpolated linearly in
+    `cost` between the uniform budgets around it. A positive gain means the per-layer plan is better."""
+    uniform = [row for row in rows if row["kind"] == "uniform"]
     comparison = []
-    for uniform in (row for row in rows if row["kind"] == "uniform"):
-        cheaper = [row for row in per_layer if row[cost] <= uniform[cost]]
-        best = pareto_front(cheaper, cost, metric)[-1] if cheaper else None
-        gain = None
-        if best is not None:
-            gain = best[metric] - uniform[metric] if metric == "accuracy" else uniform[metric] - best[metric]
-        comparison.append({"uniform": uniform["budget"], metric: uniform[metric], "loss": uniform["loss"],
-                           cost: uniform[cost], "best_per_layer": best["budget"] if best else None,
-                           f"best_per_layer_{metric}": best[metric] if best else None,
-                           "best_per_layer_loss": best["loss"] if best else None,
-                           f"best_per_layer_{cost}": best[cost] if best else None, "gain": gain})
+    for row in (row for row in rows if row["kind"] == "per-layer"):
+        at_cost = {field: uniform_curve_at(uniform, cost, field, row[cost]) for field in (metric, "loss")}
+        if at_cost["loss"] is None:
+            continue
+        sign = 1 if metric == "accuracy" else -1
+        comparison.append({"budget": row["budget"], cost: row[cost], metric: row[metric], "loss": row["loss"],
+                           f"uniform_{metric}": at_cost[metric], "uniform_loss": at_cost["loss"],
+                           f"{metric}_gain": sign * (row[metric] - at_cost[metric]),
+                           "loss_gain": at_cost["loss"] - row["loss"]})
     return comparison
 
 
 def comparison_table(comparison, metric: str) -> str:
-    """per_layer_against_uniform as markdown: each uniform budget against the best searched plan within its FLOPs."""
-    lines = [f"| uniform k | {metric} | loss | MFLOPs/token | best searched plan within it | {metric} | loss | "
-             "MFLOPs/token |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    """per_layer_against_uniform as markdown."""
+    lines = [f"| per-layer plan | MFLOPs/token | {metric} | uniform curve there | loss | uniform curve there | "
+             "loss gain |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in comparison:
-        lines.append(f"| {row['uniform']} | {row[metric]:.4f} | {row['loss']:.4f} | "
-                     f"{row['flops_per_token'] / 1e6:.3f} | {row['best_per_layer']} | "
-                     f"{row[f'best_per_layer_{metric}']:.4f} | {row['best_per_layer_loss']:.4f} | "
-                     f"{row['best_per_layer_flops_per_token'] / 1e6:.3f} |")
+        lines.append(f"| {row['budget']} | {row['flops_per_token'] / 1e6:.3f} | {row[metric]:.4f} | "
+                     f"{row[f'uniform_{metric}']:.4f} | {row['loss']:.4f} | {row['uniform_loss']:.4f} | "
+                     f"{row['loss_gain']:+.4f} |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from modeling_essm.planner import (
     flops_per_token,
     greedy_layer_search,
     pareto_front,
+    per_layer_against_uniform,
     plan_budgets,
     planning_data,
 )
@@ -45,6 +46,16 @@ def test_a_quality_target_picks_the_cheapest_plan_within_it_and_a_cost_target_th
     assert choose_plan(rows, {"max_flops_per_token": 4})["budget"] == [2, 4]  # best accuracy within 4 FLOPs
     assert choose_plan(rows, {"max_params": 4.5, "max_quality_drop": 0.01}) is None
     assert set(TARGETS.values()) <= set(rows[0])
+
+
+def test_per_layer_plans_are_compared_with_the_uniform_curve_at_their_cost():
+    rows = [{**row(k, acc, flops), "loss": loss, "kind": "uniform"}
+            for k, acc, flops, loss in [(2, 0.30, 1.0, 2.0), (4, 0.40, 3.0, 1.0)]]
+    rows += [{**row([2, 4], 0.38, 2.0), "loss": 1.25, "kind": "per-layer"},
+             {**row([4, 8], 0.50, 4.0), "loss": 0.5, "kind": "per-layer"}]  # beyond the uniform budgets: skipped
+    (compared,) = per_layer_against_uniform(rows, "accuracy")
+    assert compared["budget"] == [2, 4] and compared["uniform_loss"] == pytest.approx(1.5)
+    assert compared["loss_gain"] == pytest.approx(0.25) and compared["accuracy_gain"] == pytest.approx(0.03)
 
 
 def test_flops_count_each_layer_at_its_own_budget():
