@@ -27,6 +27,7 @@ from .configuration_essm import ESSSMConfig
 from .evaluation import check_sweep_request, measure, synchronize, without_labels
 from .modeling_essm import fft_length
 from .tasks import load_task
+from .tasks.files import FILE_KINDS, classification_split, label_names, language_modeling_split, read_table
 from .training import RUN_CONFIG_NAME, PaddingCollator, RunConfigError, collator_for, is_language_model
 
 REPORT_NAME = "budget_plan"
@@ -50,38 +51,26 @@ def is_causal_lm(config) -> bool:
 
 
 def load_user_data(path, model_dir, config, text_column="text", label_column="label"):
-    """Rows with `input_ids` (and `labels` for a classifier) from a `datasets` folder (save_to_disk) or a local
-    .json / .jsonl / .csv / .parquet file; text is tokenized with the tokenizer saved beside the model."""
-    import datasets
-
-    path = Path(path)
-    if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            split = "test" if "test" in dataset else "validation" if "validation" in dataset else next(iter(dataset))
-            dataset = dataset[split]
-    else:
-        kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        dataset = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
-    if "input_ids" not in dataset.column_names:
-        if text_column not in dataset.column_names:
-            raise RunConfigError(f"{path} has neither an input_ids nor a {text_column!r} column (columns: "
-                                 f"{dataset.column_names}); name the text column with --text-column")
+    """Evaluation rows from your file or `datasets` folder (see `tasks.files`): token ids, or text read by the
+    tokenizer saved beside the model; a language model's rows cut into chunks it can read, a classifier's labels
+    (names through `config.label2id`)."""
+    table = read_table(path)
+    encode = None
+    if "input_ids" not in table.column_names:
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError) as error:
             raise RunConfigError(f"{path} holds text but {model_dir} has no tokenizer to read it with ({error}); "
                                  "save one beside the model or pass token ids in an input_ids column") from error
-        limit = config.max_position_embeddings
-        dataset = dataset.map(lambda row: {"input_ids": tokenizer(row[text_column], truncation=True,
-                                                                  max_length=limit)["input_ids"]})
-    if not is_causal_lm(config):
-        if label_column not in dataset.column_names:
-            raise RunConfigError(f"{path} has no {label_column!r} column for the classifier's labels (columns: "
-                                 f"{dataset.column_names}); name it with --label-column")
-        dataset = dataset.map(lambda row: {"labels": config.label2id[row[label_column]]
-                                           if isinstance(row[label_column], str) else int(row[label_column])})
-    return dataset.select_columns(["input_ids", *([] if is_causal_lm(config) else ["labels"])])
+        encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    limit = config.max_position_embeddings
+    try:
+        if is_causal_lm(config):
+            return language_modeling_split(table, path, text_column, limit, encode)
+        names = config.label2id if label_names(table, label_column) is not None else None
+        return classification_split(table, path, text_column, label_column, limit, encode, names)
+    except ValueError as error:
+        raise RunConfigError(str(error)) from error
 
 
 def planning_data(model_dir, data=None, max_eval_samples=None, text_column="text", label_column="label"):
@@ -346,7 +335,7 @@ def check_plan_request(model_dir, data=None, targets=None, write_default=None, w
         data = Path(data)
         if not data.exists():
             raise FileNotFoundError(f"--data {data} does not exist")
-        if data.is_file() and data.suffix not in (".json", ".jsonl", ".csv", ".parquet"):
+        if data.is_file() and data.suffix not in FILE_KINDS:
             raise RunConfigError(f"--data {data}: pass a datasets folder (save_to_disk) or a .json, .jsonl, .csv or "
                                  ".parquet file")
     targets = check_targets(targets or {})

@@ -194,7 +194,9 @@ def build_model_config(model_section, task):
     # Real-valued inputs have no vocabulary and language modelling no labels: keep the config's defaults.
     if task.vocab_size is not None:
         fields["vocab_size"] = task.vocab_size
-    if task.num_labels is not None:
+    if task.label_names is not None:
+        fields["id2label"] = dict(enumerate(task.label_names))  # pipelines then answer with the names
+    elif task.num_labels is not None:
         fields["num_labels"] = task.num_labels
     config = ESSSMConfig(**{**fields, **model_section})
     if config.max_position_embeddings < task.max_length:

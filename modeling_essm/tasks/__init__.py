@@ -9,7 +9,7 @@ import inspect
 
 from ._common import BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID, BYTE_VOCAB_SIZE, TaskData, check_positive_int
 
-TASK_NAMES = ("listops", "text", "image", "audio", "lm")
+TASK_NAMES = ("listops", "text", "image", "audio", "lm", "files")
 
 __all__ = ["TASK_NAMES", "TaskData", "load_task", "task_fields", "BYTE_PAD_ID", "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_VOCAB_SIZE"]
 

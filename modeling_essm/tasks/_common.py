@@ -33,6 +33,7 @@ class TaskData:
     pad_token_id: int | None
     max_length: int
     metric: str  # "accuracy" or "bits_per_byte"
+    label_names: tuple[str, ...] | None = None  # the classes' names, by id, when the data names them
 
 
 def resolve_data_dir(data_dir=None) -> Path:
