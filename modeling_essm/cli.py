@@ -1,9 +1,38 @@
-"""Console entry points: `essm-train`, `essm-eval-budgets` and `essm-plan`."""
+"""Console entry points. The core package runs the model; the commands that train, evaluate or compare need the
+`train` or `bench` extra, and say so in one line when it is missing."""
 
 import argparse
 import contextlib
+import importlib.util
 import shlex
 import sys
+
+# What each extra installs that its commands import (module names, not package names).
+EXTRA_MODULES = {"train": ("accelerate", "datasets", "yaml", "matplotlib"),
+                 "bench": ("accelerate", "datasets", "yaml", "matplotlib", "PIL")}
+
+
+def require_extra(prog: str, extra: str) -> None:
+    """End the command `prog` in one line (exit 2) when the extra it needs is not installed."""
+    missing = [name for name in EXTRA_MODULES[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"{prog}: error: this command needs {', '.join(missing)}, which the core package does not install: "
+              f"pip install 'modeling_essm[{extra}]'", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def compare_main(argv=None):
+    require_extra("essm-compare", "bench")
+    from .compare import main
+
+    main(argv)
+
+
+def train_sharded_main(argv=None):
+    require_extra("essm-train-sharded", "train")
+    from .sharded_training import main
+
+    main(argv)
 
 
 @contextlib.contextmanager
@@ -46,6 +75,7 @@ def train_main(argv=None):
         help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
     )
     args = parser.parse_args(argv)
+    require_extra(parser.prog, "train")
     from .cpu_allocator import reuse_freed_memory_in_command
     from .training import close_process_group, load_run_config, train
 
@@ -67,6 +97,7 @@ def eval_budgets_main(argv=None):
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N eval examples only")
     parser.add_argument("--output-dir", help="where to write the report (default: model_dir)")
     args = parser.parse_args(argv)
+    require_extra(parser.prog, "train")
     from .cpu_allocator import reuse_freed_memory_in_command
     from .evaluation import check_sweep_request, eval_budgets
 
@@ -85,14 +116,15 @@ def eval_budgets_main(argv=None):
 
 
 def plan_main(argv=None):
-    from .planner import TARGETS
-
     parser = argparse.ArgumentParser(
         prog="essm-plan",
         description="Measure a trained ES-SSM at uniform and per-layer budgets (quality, parameters, FLOPs, latency, "
         "peak memory), write the frontier to budget_plan.{json,png}, and given a target pick the best plan and "
         "write it as the model's default budget or as a sliced model.",
     )
+    require_extra(parser.prog, "train")  # before the options, which come from the planner
+    from .planner import TARGETS, check_plan_request, plan_budgets
+
     parser.add_argument("model_dir", help="a saved model folder (the output_dir of an essm-train run, or any)")
     parser.add_argument("--data", help="your evaluation data: a datasets folder (save_to_disk) or a .json, .jsonl, "
                         ".csv or .parquet file with a text column (and a label column for a classifier) or "
@@ -112,8 +144,6 @@ def plan_main(argv=None):
                         "(new or empty)")
     parser.add_argument("--output-dir", help="where to write budget_plan.{json,png} (default: model_dir)")
     args = parser.parse_args(argv)
-    from .planner import check_plan_request, plan_budgets
-
     targets = {name: getattr(args, name) for name in TARGETS}
     request = dict(data=args.data, targets=targets, write_default=args.write_default, write_slice=args.write_slice)
     sizes = dict(max_eval_samples=args.max_eval_samples, batch_size=args.batch_size, repeats=args.repeats)

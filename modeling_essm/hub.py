@@ -18,6 +18,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoTokenizer
 
+from .cli import require_extra
 from .modeling_essm import (
     ESSSMForCausalLM,
     ESSSMForSequenceClassification,
@@ -302,6 +303,8 @@ def main(argv=None):
     parser.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
     parser.add_argument("--commit-message", default="Upload ES-SSM")
     args = parser.parse_args(argv)
+    if args.sweep:
+        require_extra(parser.prog, "train")  # the card's table is the sweep's own report format
     try:
         urls = push_essm_to_hub(args.model_folder, args.repo_id, args.budgets, args.sweep,
                                 private=args.private or None, token=args.token, commit_message=args.commit_message)
