@@ -58,6 +58,14 @@ def add_override_argument(parser):
     )
 
 
+def add_data_arguments(parser):
+    parser.add_argument("--data", help="your evaluation data: a datasets folder (save_to_disk) or a .json, .jsonl, "
+                        ".csv or .parquet file with a text column (and a label column for a classifier) or "
+                        "input_ids; default: the eval split of the task in the folder's run_config.yaml")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+
+
 def train_main(argv=None):
     parser = argparse.ArgumentParser(
         prog="essm-train",
@@ -91,8 +99,10 @@ def eval_budgets_main(argv=None):
         prog="essm-eval-budgets",
         description="Evaluate a trained ES-SSM at every spectral budget; writes budget_sweep.{json,md,png}.",
     )
-    parser.add_argument("model_dir", help="output_dir of an essm-train run (holds the model and run_config.yaml)")
+    parser.add_argument("model_dir", help="output_dir of an essm-train run (holds the model and run_config.yaml), "
+                        "or with --data any saved model folder or Hub id")
     parser.add_argument("--budgets", type=int, nargs="+", help="budgets to evaluate (default: the budget grid)")
+    add_data_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N eval examples only")
     parser.add_argument("--output-dir", help="where to write the report (default: model_dir)")
@@ -102,7 +112,7 @@ def eval_budgets_main(argv=None):
     from .evaluation import check_sweep_request, eval_budgets
 
     with user_errors_in_one_line(parser):
-        check_sweep_request(args.model_dir, args.budgets)  # before the data and the model load
+        check_sweep_request(args.model_dir, args.budgets, args.data)  # before the data and the model load
     reuse_freed_memory_in_command()
     command = shlex.join(["essm-eval-budgets", *(sys.argv[1:] if argv is None else argv)])
     eval_budgets(
@@ -112,6 +122,9 @@ def eval_budgets_main(argv=None):
         max_eval_samples=args.max_eval_samples,
         output_dir=args.output_dir,
         command=command,
+        data=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
     )
 
 
@@ -126,11 +139,7 @@ def plan_main(argv=None):
     from .planner import TARGETS, check_plan_request, plan_budgets
 
     parser.add_argument("model_dir", help="a saved model folder (the output_dir of an essm-train run, or any)")
-    parser.add_argument("--data", help="your evaluation data: a datasets folder (save_to_disk) or a .json, .jsonl, "
-                        ".csv or .parquet file with a text column (and a label column for a classifier) or "
-                        "input_ids; default: the eval split of the task in the folder's run_config.yaml")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--label-column", default="label")
+    add_data_arguments(parser)
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N examples only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per latency (the median is reported)")

@@ -16,20 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .budget import default_budget_grid
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import resolve_spectral_budget
 from .tasks import load_task
-from .training import IGNORE_INDEX, RUN_CONFIG_NAME, RunConfigError, collator_for, is_language_model, load_run_config
+from .tasks.files import FILE_KINDS, classification_split, label_names, language_modeling_split, read_table
+from .training import (IGNORE_INDEX, RUN_CONFIG_NAME, PaddingCollator, RunConfigError, collator_for,
+                       is_language_model, load_run_config)
 
 
 REPORT_NAME = "budget_sweep"
-
-
-def auto_class_for(task):
-    return AutoModelForCausalLM if is_language_model(task) else AutoModelForSequenceClassification
 
 
 class BudgetStats:
@@ -159,47 +157,109 @@ def write_report(rows, output_dir, settings):
     return paths
 
 
-def check_sweep_request(model_dir, budgets=None):
-    """The checks of `eval_budgets` that need neither the data nor the weights: the folder, and every budget
-    against the saved model's config. Raises FileNotFoundError or RunConfigError."""
-    model_dir = Path(model_dir)
-    if not (model_dir / RUN_CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{model_dir} has no {RUN_CONFIG_NAME}: pass the output_dir of a training run")
+def is_causal_lm(config) -> bool:
+    return any(name.endswith("ForCausalLM") for name in config.architectures or ())
+
+
+def check_data_request(model_dir, data=None) -> None:
+    """A model folder with a run config naming its task, or any saved model (a folder, or a Hub id in the local
+    cache) with `data`, an existing data file or folder. Raises FileNotFoundError or RunConfigError."""
+    local = Path(model_dir).is_dir()
+    if data is None:
+        if not local or not (Path(model_dir) / RUN_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{model_dir} has no {RUN_CONFIG_NAME} naming its task: pass the output_dir of "
+                                    "a training run, or your own evaluation data with --data")
+    else:
+        data = Path(data)
+        if not data.exists():
+            raise FileNotFoundError(f"--data {data} does not exist")
+        if data.is_file() and data.suffix not in FILE_KINDS:
+            raise RunConfigError(f"--data {data}: pass a datasets folder (save_to_disk) or a .json, .jsonl, .csv or "
+                                 ".parquet file")
+    if local and not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} holds no saved model (config.json): pass a model folder")
+
+
+def load_user_data(path, model_dir, config, text_column="text", label_column="label"):
+    """Evaluation rows from your file or `datasets` folder (see `tasks.files`): token ids, or text read by the
+    tokenizer saved with the model; a language model's rows cut into chunks it can read, a classifier's labels
+    (names through `config.label2id`)."""
+    table = read_table(path)
+    encode = None
+    if "input_ids" not in table.column_names:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as error:
+            raise RunConfigError(f"{path} holds text but {model_dir} has no tokenizer to read it with ({error}); "
+                                 "save one with the model or pass token ids in an input_ids column") from error
+        encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    limit = config.max_position_embeddings
+    try:
+        if is_causal_lm(config):
+            return language_modeling_split(table, path, text_column, limit, encode)
+        named = label_names(table, label_column) is not None
+        names = {name: int(i) for i, name in config.id2label.items()} if named else None  # the model's own ids
+        return classification_split(table, path, text_column, label_column, limit, encode, names)
+    except ValueError as error:
+        raise RunConfigError(str(error)) from error
+
+
+def evaluation_data(model_dir, data=None, max_eval_samples=None, text_column="text", label_column="label"):
+    """(dataset, collator, causal_lm): the eval split of the task in the folder's run config, or your own data."""
+    config = AutoConfig.from_pretrained(model_dir)
+    if data is None:
+        task_section = dict(load_run_config(Path(model_dir) / RUN_CONFIG_NAME)["task"])
+        task = load_task(task_section.pop("name"), **task_section)
+        dataset, collator, causal_lm = task.eval, collator_for(task), is_language_model(task)
+    else:
+        dataset = load_user_data(data, model_dir, config, text_column, label_column)
+        causal_lm = is_causal_lm(config)
+        collator = PaddingCollator(pad_token_id=config.pad_token_id, causal_lm=causal_lm)
+    if max_eval_samples is not None:
+        dataset = dataset.select(range(min(max_eval_samples, len(dataset))))
+    return dataset, collator, causal_lm
+
+
+def check_sweep_request(model_dir, budgets=None, data=None) -> None:
+    """The checks of `eval_budgets` that need neither the data nor the weights: the model and data (see
+    `check_data_request`), and every budget against the saved model's config. Raises FileNotFoundError or
+    RunConfigError."""
+    check_data_request(model_dir, data)
     config = ESSSMConfig.from_pretrained(model_dir)
     try:
         for budget in budgets or ():
             resolve_spectral_budget(budget, config)
     except ValueError as error:
         raise RunConfigError(f"--budgets: {error}") from error
-    return load_run_config(model_dir / RUN_CONFIG_NAME)
 
 
-def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, output_dir=None, command=None):
-    """Sweep the model saved in `model_dir` (a training run's output_dir) over `budgets` (default: the grid)."""
-    model_dir = Path(model_dir)
-    task_section = dict(check_sweep_request(model_dir, budgets)["task"])
-    task = load_task(task_section.pop("name"), **task_section)
-    auto_class = auto_class_for(task)
+def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, output_dir=None, command=None,
+                 data=None, text_column="text", label_column="label"):
+    """Sweep a saved model over `budgets` (default: the grid) on the eval split of its task (a training run's
+    output_dir) or on `data` (your file or datasets folder; then `model_dir` may be any saved model or Hub id)."""
+    check_sweep_request(model_dir, budgets, data)
+    dataset, collator, causal_lm = evaluation_data(model_dir, data, max_eval_samples, text_column, label_column)
+    auto_class = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = auto_class.from_pretrained(model_dir).to(device).eval()
     config = model.config
     budgets = sorted(budgets or default_budget_grid(config.num_spectral_filters, config.min_spectral_budget))
-    dataset = task.eval if max_eval_samples is None else task.eval.select(range(min(max_eval_samples, len(task.eval))))
     print(
         f"{auto_class.__name__}.from_pretrained({str(model_dir)!r}) -> {type(model).__name__}; "
         f"calling it with spectral_budget=k for k in {budgets}"
     )
-    rows = sweep_budgets(model, dataset, collator_for(task), budgets, batch_size, is_language_model(task))
+    rows = sweep_budgets(model, dataset, collator, budgets, batch_size, causal_lm)
     settings = {
         "model_dir": str(model_dir),
-        "task": task.name,
+        "task": load_run_config(Path(model_dir) / RUN_CONFIG_NAME)["task"]["name"] if data is None else str(data),
         "eval_samples": len(dataset),
         "batch_size": batch_size,
         "num_threads": torch.get_num_threads(),
         "device": str(model.device),
         "command": command,
     }
-    paths = write_report(rows, output_dir or model_dir, settings)
+    local = Path(model_dir).is_dir()
+    paths = write_report(rows, output_dir or (model_dir if local else "."), settings)
     print(markdown_table(rows))
     print("wrote " + ", ".join(str(path) for path in paths.values()))
     return rows, paths

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .budget import default_budget_grid
 from .configuration_essm import ESSSMConfig
-from .evaluation import check_sweep_request, measure, synchronize, without_labels
+from .evaluation import check_data_request, evaluation_data, is_causal_lm, measure, synchronize, without_labels
 from .modeling_essm import fft_length
-from .tasks import load_task
-from .tasks.files import FILE_KINDS, classification_split, label_names, language_modeling_split, read_table
-from .training import RUN_CONFIG_NAME, PaddingCollator, RunConfigError, collator_for, is_language_model
+from .training import RUN_CONFIG_NAME, RunConfigError
 
 REPORT_NAME = "budget_plan"
 # Target option -> the measured field it bounds from above.
@@ -41,53 +39,6 @@ TARGETS = {
     "max_quality_drop": "quality_drop",
 }
 COST_FIELDS = ("parameters", "flops_per_token", "ms_per_token", "ms_per_sequence", "peak_memory_mb")
-
-
-# --- evaluation data --------------------------------------------------------------------------------------------
-
-
-def is_causal_lm(config) -> bool:
-    return any(name.endswith("ForCausalLM") for name in config.architectures or ())
-
-
-def load_user_data(path, model_dir, config, text_column="text", label_column="label"):
-    """Evaluation rows from your file or `datasets` folder (see `tasks.files`): token ids, or text read by the
-    tokenizer saved beside the model; a language model's rows cut into chunks it can read, a classifier's labels
-    (names through `config.label2id`)."""
-    table = read_table(path)
-    encode = None
-    if "input_ids" not in table.column_names:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError) as error:
-            raise RunConfigError(f"{path} holds text but {model_dir} has no tokenizer to read it with ({error}); "
-                                 "save one beside the model or pass token ids in an input_ids column") from error
-        encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
-    limit = config.max_position_embeddings
-    try:
-        if is_causal_lm(config):
-            return language_modeling_split(table, path, text_column, limit, encode)
-        names = config.label2id if label_names(table, label_column) is not None else None
-        return classification_split(table, path, text_column, label_column, limit, encode, names)
-    except ValueError as error:
-        raise RunConfigError(str(error)) from error
-
-
-def planning_data(model_dir, data=None, max_eval_samples=None, text_column="text", label_column="label"):
-    """(dataset, collator, causal_lm): the model's own task (from its run config) or the user's data."""
-    model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    if data is None:
-        task_section = dict(check_sweep_request(model_dir)["task"])
-        task = load_task(task_section.pop("name"), **task_section)
-        dataset, collator, causal_lm = task.eval, collator_for(task), is_language_model(task)
-    else:
-        dataset = load_user_data(data, model_dir, config, text_column, label_column)
-        causal_lm = is_causal_lm(config)
-        collator = PaddingCollator(pad_token_id=config.pad_token_id, causal_lm=causal_lm)
-    if max_eval_samples is not None:
-        dataset = dataset.select(range(min(max_eval_samples, len(dataset))))
-    return dataset, collator, causal_lm
 
 
 # --- costs -------------------------------------------------------------------------------------------------------
@@ -325,19 +276,7 @@ def check_plan_request(model_dir, data=None, targets=None, write_default=None, w
     for name, value in sizes.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RunConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} holds no saved model (config.json): pass a model folder")
-    if data is None and not (model_dir / RUN_CONFIG_NAME).is_file():
-        raise RunConfigError(f"{model_dir} has no {RUN_CONFIG_NAME} naming its task: pass --data with your own "
-                             "evaluation data")
-    if data is not None:
-        data = Path(data)
-        if not data.exists():
-            raise FileNotFoundError(f"--data {data} does not exist")
-        if data.is_file() and data.suffix not in FILE_KINDS:
-            raise RunConfigError(f"--data {data}: pass a datasets folder (save_to_disk) or a .json, .jsonl, .csv or "
-                                 ".parquet file")
+    check_data_request(model_dir, data)
     targets = check_targets(targets or {})
     if (write_default or write_slice) and not targets:
         raise RunConfigError("--write-default and --write-slice write the plan chosen for a target: give one, "
@@ -348,15 +287,19 @@ def check_plan_request(model_dir, data=None, targets=None, write_default=None, w
                                                                                             "--write-slice")
 
 
-def save_atomically(model, model_dir: Path, destination: Path) -> None:
-    """The model, plus the tokenizer and run config beside it, into `destination`, all at once or not at all."""
+def save_atomically(model, model_dir, destination: Path) -> None:
+    """The model, with its tokenizer and the run config beside it when it has them, into `destination`, all at
+    once or not at all."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
     try:
         model.save_pretrained(staging)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", RUN_CONFIG_NAME):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, staging / name)
+        try:
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
+        except (OSError, ValueError):
+            pass  # a model without a tokenizer (ListOps reads token ids)
+        if (Path(model_dir) / RUN_CONFIG_NAME).is_file():
+            shutil.copy2(Path(model_dir) / RUN_CONFIG_NAME, staging / RUN_CONFIG_NAME)
         if destination.exists():
             destination.rmdir()  # checked empty before any work
         os.replace(staging, destination)
@@ -373,8 +316,7 @@ def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_s
     targets, default_path, slice_path = check_plan_request(model_dir, data, targets, write_default, write_slice,
                                                            max_eval_samples=max_eval_samples,
                                                            batch_size=batch_size, repeats=repeats)
-    model_dir = Path(model_dir)
-    dataset, collator, causal_lm = planning_data(model_dir, data, max_eval_samples, text_column, label_column)
+    dataset, collator, causal_lm = evaluation_data(model_dir, data, max_eval_samples, text_column, label_column)
     auto_class = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = auto_class.from_pretrained(model_dir).to(device).eval()
@@ -415,7 +357,7 @@ def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_s
         "frontier": {cost: [row["budget"] for row in pareto_front(rows, cost, metric)] for cost in COST_FIELDS},
         "per_layer_against_uniform": per_layer_against_uniform(rows, metric),
     }
-    output_dir = Path(output_dir or model_dir)
+    output_dir = Path(output_dir or (model_dir if Path(model_dir).is_dir() else "."))
     output_dir.mkdir(parents=True, exist_ok=True)
     report_path = output_dir / f"{REPORT_NAME}.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -448,10 +390,10 @@ def choose_and_check(model, model_dir, rows, full, targets, dataset, collator, s
     result = {"targets": targets, "chosen": chosen["budget"], "remeasured": remeasured, "met": met}
     if default_path is not None:
         model.config.spectral_budget = chosen["budget"]
-        save_atomically(model, Path(model_dir), default_path)
+        save_atomically(model, model_dir, default_path)
         result["written"] = {"default_budget": str(default_path)}
     elif slice_path is not None:
-        save_atomically(model.slice_to_budget(chosen["budget"]), Path(model_dir), slice_path)
+        save_atomically(model.slice_to_budget(chosen["budget"]), model_dir, slice_path)
         result["written"] = {"slice": str(slice_path)}
     print(f"chosen plan: spectral_budget={chosen['budget']}; re-measured: "
           + ", ".join(f"{name} {'met' if ok else 'MISSED'} ({remeasured[TARGETS[name]]:.4g} <= {targets[name]:g})"

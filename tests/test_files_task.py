@@ -109,3 +109,26 @@ def test_essm_train_and_the_budget_sweep_run_on_your_own_files(review_files, tmp
     with torch.no_grad():
         ids = build_fast_tokenizer()("warm and funny", return_tensors="pt").input_ids
         assert model(ids).logits.shape == (1, 2)
+
+
+def test_the_budget_sweep_reads_your_data_for_any_saved_model(review_files, tmp_path):
+    from conftest import tiny_config
+
+    from modeling_essm import ESSSMForSequenceClassification
+    from modeling_essm.cli import eval_budgets_main
+    from modeling_essm.evaluation import measure
+    from modeling_essm.training import PaddingCollator
+
+    torch.manual_seed(0)
+    model = ESSSMForSequenceClassification(tiny_config(num_labels=2, id2label={0: "neg", 1: "pos"})).eval()
+    model.save_pretrained(tmp_path / "model")  # a plain folder: no run config
+    build_fast_tokenizer().save_pretrained(tmp_path / "model")
+    _, evaluation = review_files
+    eval_budgets_main([str(tmp_path / "model"), "--data", str(evaluation), "--budgets", "2", "8",
+                       "--output-dir", str(tmp_path / "sweep")])
+    rows = json.loads((tmp_path / "sweep" / "budget_sweep.json").read_text())["results"]
+    ids = [list(text.encode()) for text, _ in REVIEWS]
+    rows_by_hand = datasets.Dataset.from_dict({"input_ids": ids, "labels": [int(y == "pos") for _, y in REVIEWS]})
+    expected = measure(model, rows_by_hand, PaddingCollator(pad_token_id=256), {k: {"spectral_budget": k}
+                                                                                   for k in (2, 8)})
+    assert [row["loss"] for row in rows] == pytest.approx([expected[k]["loss"] for k in (2, 8)])

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification, build_fast_tokenizer
 from modeling_essm.cli import plan_main
-from modeling_essm.evaluation import measure
+from modeling_essm.evaluation import evaluation_data, measure
 from modeling_essm.planner import (
     TARGETS,
     choose_plan,
@@ -20,7 +20,6 @@ from modeling_essm.planner import (
     pareto_front,
     per_layer_against_uniform,
     plan_budgets,
-    planning_data,
 )
 from modeling_essm.training import load_run_config, train
 
@@ -123,7 +122,7 @@ def test_the_planner_reports_uniform_and_searched_plans_with_every_cost(listops_
         assert r["ms_per_token"] > 0 and r["ms_per_sequence"] > 0 and r["peak_memory_mb"] > 0
     assert plans["8"]["quality_drop"] == 0 and plans["2"]["flops_per_token"] < plans["8"]["flops_per_token"]
     # The quality of each plan is the model's at that budget on the task's eval split.
-    dataset, collator, _ = planning_data(listops_run)
+    dataset, collator, _ = evaluation_data(listops_run)
     for r in (plans["4"], next(r for r in report["plans"] if r["kind"] == "per-layer")):
         direct = measure(model.eval(), dataset, collator, {"p": {"spectral_budget": r["budget"]}}, 32, False)["p"]
         assert r["loss"] == pytest.approx(direct["loss"]) and r["accuracy"] == direct["accuracy"]
@@ -138,7 +137,7 @@ def test_the_chosen_plan_is_written_as_the_default_budget_and_meets_its_target_w
     deployed = AutoModelForSequenceClassification.from_pretrained(tmp_path / "deploy").eval()
     assert deployed.config.spectral_budget == target["chosen"]
     # Measured again by hand, through a plain load: the default budget gives the chosen plan's quality.
-    dataset, collator, _ = planning_data(tmp_path / "deploy")  # the run config travels with the model
+    dataset, collator, _ = evaluation_data(tmp_path / "deploy")  # the run config travels with the model
     again = measure(deployed, dataset, collator, {"default": {}}, 32, False)["default"]
     full = measure(deployed, dataset, collator, {"full": {"spectral_budget": 8}}, 32, False)["full"]
     assert (full["accuracy"] - again["accuracy"]) / full["accuracy"] <= 0.2
@@ -169,7 +168,7 @@ def test_the_planner_reads_the_users_own_text_for_a_language_model(tmp_path):
     assert [r["budget"] for r in report["plans"] if r["kind"] == "uniform"] == [2, 3, 4, 6]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()
     ids = [list(f"line {i}: to be, or not to be".encode()) for i in range(12)]
-    dataset, collator, causal_lm = planning_data(tmp_path / "lm", data=data)
+    dataset, collator, causal_lm = evaluation_data(tmp_path / "lm", data=data)
     assert causal_lm and dataset["input_ids"] == ids
     direct = measure(model, dataset, collator, {"k": {"spectral_budget": 3}}, 4, True)["k"]
     assert next(r for r in report["plans"] if r["budget"] == 3)["bits_per_byte"] == pytest.approx(
@@ -203,7 +202,7 @@ def test_a_model_without_a_run_config_needs_data(tmp_path, capsys):
     ESSSMForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path)
     with pytest.raises(SystemExit):
         plan_main([str(tmp_path)])
-    assert "pass --data" in capsys.readouterr().err
+    assert "or your own evaluation data with --data" in capsys.readouterr().err
 
 
 def test_an_unmet_target_writes_the_frontier_but_no_model(listops_run, tmp_path, capsys):
