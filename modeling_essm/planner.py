@@ -412,27 +412,32 @@ def summary_table(rows, metric: str) -> str:
 
 
 def plot_frontier(rows, metric: str, path, title: str) -> None:
+    """Quality against FLOPs, latency and parameters: the uniform budgets as a line, the per-layer plans as points,
+    and the frontier of all plans dashed."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
+    uniform = sorted((row for row in rows if row["kind"] == "uniform"), key=lambda row: row["budget"])
+    per_layer = [row for row in rows if row["kind"] == "per-layer"]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for axis, cost, axis_label in zip(axes, ("flops_per_token", "ms_per_token", "parameters"),
                                       ("MFLOPs per token", "ms per token (this machine)", "parameters (M)")):
         scale = 1e-6 if cost in ("flops_per_token", "parameters") else 1.0
-        uniform = [row for row in rows if row["kind"] == "uniform"]
-        searched = [row for row in rows if row["searched"]]
-        for label, colour, points in (("uniform budgets", "tab:blue", uniform),
-                                      ("per-layer search", "tab:orange", searched)):
-            front = pareto_front(points, cost, metric)
-            axis.scatter([row[cost] * scale for row in points], [row[metric] for row in points], color=colour,
-                         alpha=0.35, s=18)
-            axis.plot([row[cost] * scale for row in front], [row[metric] for row in front], marker="o",
-                      color=colour, label=f"{label} (frontier)")
+        axis.plot([row[cost] * scale for row in uniform], [row[metric] for row in uniform], marker="o",
+                  color="tab:blue", label="uniform budgets")
+        for row in uniform:
+            axis.annotate(str(row["budget"]), (row[cost] * scale, row[metric]), textcoords="offset points",
+                          xytext=(3, 3), fontsize=7, color="tab:blue")
+        axis.scatter([row[cost] * scale for row in per_layer], [row[metric] for row in per_layer], marker="s",
+                     color="tab:orange", s=22, label="per-layer plans (greedy search)", zorder=3)
+        front = pareto_front(rows, cost, metric)
+        axis.plot([row[cost] * scale for row in front], [row[metric] for row in front], linestyle="--",
+                  color="black", linewidth=0.8, label="frontier of all plans")
         axis.set(xlabel=axis_label, ylabel=metric.replace("_", " "))
         axis.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     axes[1].set_title(f"{title}: uniform and per-layer budgets")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

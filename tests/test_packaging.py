@@ -74,7 +74,7 @@ CORE_ONLY = textwrap.dedent(
     ids = torch.randint(0, 256, (1, 8))
     print(model(ids, spectral_budget=[2, 4]).logits.shape)
     print(model.generate(ids, max_new_tokens=4, spectral_budget=2, do_sample=False).shape)
-    export_at_budget(model, 2, input_ids=ids)
+    export_at_budget(model, 2, input_ids=ids.repeat(2, 1))  # an example batch of 1 would fix the batch size at 1
 
     class HubInAFolder:  # stands in for the Hub: the real push code writes each repository into a folder
         def create_repo(self, repo_id, **kwargs):
@@ -94,7 +94,7 @@ CORE_ONLY = textwrap.dedent(
     modeling_essm.build_fast_tokenizer().save_pretrained("saved")
     modeling_essm.hub.push_essm_to_hub("saved", "me/tiny", budgets=[2])
     print(sorted(path.name for path in pathlib.Path("hub/me/tiny-k2").iterdir()))
-    for extra in ("yaml", "datasets", "accelerate", "matplotlib", "PIL"):
+    for extra in ("datasets", "accelerate", "matplotlib", "PIL"):  # PyYAML comes with transformers itself
         try:
             __import__(extra)
             print("installed", extra)
