@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modeling_essm import ESSSMSpectralBasis, ESSSMSpectralMixer, fft_length
+from .modeling_essm import ESSSMSpectralBasis, ESSSMSpectralMixer
 
 
 class FixedFilterSpectrum(nn.Module):
@@ -26,8 +26,7 @@ class FixedFilterSpectrum(nn.Module):
 
     def __init__(self, basis: ESSSMSpectralBasis, max_length: int):
         super().__init__()
-        scale = basis.eigenvalues.float().clamp_min(0.0).pow(0.25)
-        spectrum = torch.fft.rfft(basis.filters.float() * scale, n=fft_length(max_length), dim=0)
+        spectrum = basis.filter_spectrum(max_length, basis.filters.shape[1]).T  # (F, K): every length up to L
         self.register_buffer("spectrum", torch.view_as_real(spectrum).contiguous())
 
     def filter_spectrum(self, seq_len: int, spectral_budget: int) -> torch.Tensor:

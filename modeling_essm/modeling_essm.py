@@ -66,6 +66,15 @@ def fft_length(seq_len: int) -> int:
         n += 1
 
 
+def circular_convolutions(input_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """Every input channel convolved with every filter, from their rFFTs: (B, D, F) x (c, F) -> (B, c, D, n_fft).
+
+    The one convolution of the package (the whole-sequence mixer and a cache's chunk of new tokens); it is the causal
+    convolution at every output that no input wraps around onto, which the callers' `n_fft` ensures.
+    """
+    return torch.fft.irfft(input_spectrum.unsqueeze(1) * filter_spectrum[:, None], n=n_fft)
+
+
 class ESSSMSpectralBasis(nn.Module):
     """The fixed filters phi_1..phi_K (L, K) and their Hankel eigenvalues sigma_1..sigma_K.
 
@@ -87,9 +96,10 @@ class ESSSMSpectralBasis(nn.Module):
         scale = self.eigenvalues[:spectral_budget].float().clamp_min(0.0).pow(0.25)
         return self.filters[:length, :spectral_budget].float() * scale
 
-    def filter_spectrum(self, seq_len: int, spectral_budget: int) -> torch.Tensor:
-        """rFFT of the scaled filters for sequences of up to `seq_len`: (k, n_fft // 2 + 1) complex64."""
-        return torch.fft.rfft(self.scaled_filters(seq_len, spectral_budget).T, n=fft_length(seq_len))
+    def filter_spectrum(self, seq_len: int, spectral_budget: int, n_fft: int | None = None) -> torch.Tensor:
+        """rFFT of the scaled filters for sequences of up to `seq_len`: (k, n_fft // 2 + 1) complex64; n_fft defaults
+        to `fft_length(seq_len)`, the size that makes the whole sequence's convolution causal."""
+        return torch.fft.rfft(self.scaled_filters(seq_len, spectral_budget).T, n=n_fft or fft_length(seq_len))
 
     def causal_convolution(self, inputs: torch.Tensor, start: int, spectral_budget: int, chunk_size: int):
         """Outputs start..T-1 of the causal convolutions of inputs (B, T, D) with the scaled filters, by one FFT.
@@ -101,12 +111,12 @@ class ESSSMSpectralBasis(nn.Module):
         n_fft = fft_length(math.ceil((2 * seq_len - 1 - start) / 2))
         # Time is the last axis during the FFTs, as in forward: they and the products are fastest along it.
         input_spectrum = torch.fft.rfft(inputs.float().transpose(1, 2), n=n_fft)  # (B, D, F)
-        filter_spectrum = torch.fft.rfft(self.scaled_filters(seq_len, spectral_budget).T, n=n_fft)  # (k, F)
+        filter_spectrum = self.filter_spectrum(seq_len, spectral_budget, n_fft)  # (k, F)
         out = inputs.new_empty(batch, seq_len - start, spectral_budget, hidden, dtype=torch.float32)
         for first in range(0, spectral_budget, chunk_size):  # bounds the (B, chunk, D, n_fft) intermediate
             last = min(first + chunk_size, spectral_budget)
-            spectra = input_spectrum.unsqueeze(1) * filter_spectrum[first:last, None]  # (B, c, D, F)
-            out[:, :, first:last] = torch.fft.irfft(spectra, n=n_fft)[..., start:seq_len].permute(0, 3, 1, 2)
+            conv = circular_convolutions(input_spectrum, filter_spectrum[first:last], n_fft)  # (B, c, D, n_fft)
+            out[:, :, first:last] = conv[..., start:seq_len].permute(0, 3, 1, 2)
         return out
 
 
@@ -226,8 +236,7 @@ class ESSSMSpectralMixer(nn.Module):
         A function of its own so that a chunk's (B, c, D, 2T) intermediates are freed before the next is built.
         """
         batch, hidden, n_freq = u_spectrum.shape
-        spectra = u_spectrum.unsqueeze(1) * filter_spectrum[:, None]  # (B, c, D, F)
-        conv = torch.fft.irfft(spectra, n=2 * (n_freq - 1))[..., :seq_len]  # (B, c, D, T)
+        conv = circular_convolutions(u_spectrum, filter_spectrum, 2 * (n_freq - 1))[..., :seq_len]  # (B, c, D, T)
         features = (conv * weights[:, :, None]).reshape(batch, -1, seq_len)  # (B, c*D, T)
         # M^T @ features rather than features^T @ M: a time-major operand would be a transposed one, which
         # CPU bf16 GEMMs (autocast) run at a quarter of their speed; fp32 runs alike either way.
