@@ -11,7 +11,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The pages whose snippets are one runnable program each (a later snippet may use what an earlier one made).
-PAGES = ["README.md", "docs/generation.md", "docs/training.md", "docs/budget_planning.md"]
+PAGES = ["README.md", "docs/deploy.md", "docs/generation.md", "docs/training.md", "docs/budget_planning.md"]
 SNIPPET = re.compile(r"^( *)```python\n(.*?)^\1```", re.MULTILINE | re.DOTALL)
 
 
