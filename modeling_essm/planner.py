@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .budget import default_budget_grid
 from .configuration_essm import ESSSMConfig
@@ -287,19 +287,21 @@ def check_plan_request(model_dir, data=None, targets=None, write_default=None, w
                                                                                             "--write-slice")
 
 
+# What a model folder holds beside the model: the tokenizer's files and the run config.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   RUN_CONFIG_NAME)
+
+
 def save_atomically(model, model_dir, destination: Path) -> None:
-    """The model, with its tokenizer and the run config beside it when it has them, into `destination`, all at
-    once or not at all."""
+    """The model, and the tokenizer and run config of a local `model_dir` when it has them, into `destination`,
+    all at once or not at all."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
     try:
         model.save_pretrained(staging)
-        try:
-            AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
-        except (OSError, ValueError):
-            pass  # a model without a tokenizer (ListOps reads token ids)
-        if (Path(model_dir) / RUN_CONFIG_NAME).is_file():
-            shutil.copy2(Path(model_dir) / RUN_CONFIG_NAME, staging / RUN_CONFIG_NAME)
+        for name in COMPANION_FILES:
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, staging / name)
         if destination.exists():
             destination.rmdir()  # checked empty before any work
         os.replace(staging, destination)

@@ -136,6 +136,7 @@ def test_the_chosen_plan_is_written_as_the_default_budget_and_meets_its_target_w
     assert all(target["met"].values()) and target["remeasured"]["quality_drop"] <= 0.2
     deployed = AutoModelForSequenceClassification.from_pretrained(tmp_path / "deploy").eval()
     assert deployed.config.spectral_budget == target["chosen"]
+    assert not (tmp_path / "deploy" / "tokenizer_config.json").exists()  # ListOps reads token ids: none to copy
     # Measured again by hand, through a plain load: the default budget gives the chosen plan's quality.
     dataset, collator, _ = evaluation_data(tmp_path / "deploy")  # the run config travels with the model
     again = measure(deployed, dataset, collator, {"default": {}}, 32, False)["default"]
@@ -163,7 +164,9 @@ def test_the_planner_reads_the_users_own_text_for_a_language_model(tmp_path):
     build_fast_tokenizer().save_pretrained(tmp_path / "lm")
     data = tmp_path / "eval.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"line {i}: to be, or not to be"}) for i in range(12)))
-    report = plan_budgets(tmp_path / "lm", data=data, output_dir=tmp_path, repeats=2, batch_size=4)
+    report = plan_budgets(tmp_path / "lm", data=data, output_dir=tmp_path, repeats=2, batch_size=4,
+                          targets={"max_quality_drop": 0.5}, write_slice=tmp_path / "small")
+    assert (tmp_path / "small" / "tokenizer.json").is_file()  # the text model's tokenizer travels with it
     assert report["metric"] == "bits_per_byte" and report["settings"]["eval_samples"] == 12
     assert [r["budget"] for r in report["plans"] if r["kind"] == "uniform"] == [2, 3, 4, 6]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()
