@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from modeling_essm.compare import ESSM_MODELS, MODELS
-from modeling_essm.tasks import TASK_NAMES
+from modeling_essm.tasks import BENCHMARK_TASKS
 from modeling_essm.training import RECIPE_DEFAULTS
 
 
@@ -39,7 +39,7 @@ TARGETS = {
 def load_results(results_dir):
     """{task: {model: result}} for every JSON present, tasks and models in the canonical order."""
     results = {}
-    for task in TASK_NAMES:
+    for task in BENCHMARK_TASKS:
         found = {model: Path(results_dir, task, f"{model}.json") for model in MODELS}
         loaded = {model: json.loads(path.read_text()) for model, path in found.items() if path.is_file()}
         if loaded:
@@ -135,7 +135,7 @@ def summary_table(results):
     columns = [("essm", None), ("essm", 4), ("essm-fixed", None), ("essm-fixed", 4), ("llama", None), ("mamba", None)]
     header = " | ".join(model if budget is None else f"{model} k=4" for model, budget in columns)
     lines = [f"| task | metric | {header} |", "|---|---|" + "---:|" * len(columns)]
-    for task in TASK_NAMES:
+    for task in BENCHMARK_TASKS:
         task_results = results.get(task, {})
         cells = []
         for model, budget in columns:
@@ -278,7 +278,7 @@ def render(results, docs_dir, results_dir):
         "",
         "```",
         'pip install -e ".[bench]"',
-        *[compare_command(task) for task in TASK_NAMES],
+        *[compare_command(task) for task in BENCHMARK_TASKS],
         "python scripts/build_results.py",
         "```",
         "",
@@ -287,7 +287,7 @@ def render(results, docs_dir, results_dir):
         summary_table(results),
         "",
     ]
-    for task in TASK_NAMES:
+    for task in BENCHMARK_TASKS:
         lines += task_section(task, results.get(task, {}), docs_dir, read_notes(results_dir, task))
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -112,7 +113,10 @@ def test_pip_install_without_extras_gives_a_package_that_runs(tmp_path):
     python = str(tmp_path / "venv" / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, str(REPO_ROOT)], check=True, cwd=tmp_path)
+    # A copy of the sources: an in-tree build would leave build/ in the repository.
+    source = shutil.copytree(REPO_ROOT, tmp_path / "source", ignore=shutil.ignore_patterns(
+        ".git", "outputs", "build", "*.egg-info", "__pycache__", ".cache", ".pytest_cache"))
+    subprocess.run([*pip, str(source)], check=True, cwd=tmp_path)
     result = subprocess.run([python, "-c", CORE_ONLY], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("\n")

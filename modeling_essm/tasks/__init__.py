@@ -9,9 +9,10 @@ import inspect
 
 from ._common import BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID, BYTE_VOCAB_SIZE, TaskData, check_positive_int
 
-TASK_NAMES = ("listops", "text", "image", "audio", "lm", "files")
+BENCHMARK_TASKS = ("listops", "text", "image", "audio", "lm")  # the data sets the comparisons run on
+TASK_NAMES = (*BENCHMARK_TASKS, "files")  # and your own files
 
-__all__ = ["TASK_NAMES", "TaskData", "load_task", "task_fields", "BYTE_PAD_ID", "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_VOCAB_SIZE"]
+__all__ = ["BENCHMARK_TASKS", "TASK_NAMES", "TaskData", "load_task", "task_fields", "BYTE_PAD_ID", "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_VOCAB_SIZE"]
 
 
 def load_task(name, data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0, **options) -> TaskData:
