@@ -91,8 +91,8 @@ def run_model(run_config, model_name, results_dir, command=None, reuses_freed_me
     """Train one model of the comparison, evaluate it and write `<results_dir>/<task>/<model>.json`."""
     config = model_run_config(run_config, model_name)
     build_model = None if model_name in ESSM_MODELS else partial(matched_baseline, model_name)
-    trainer, metrics = train(config, build_model=build_model)
-    causal_lm = "eval_bits_per_byte" in metrics  # train() adds it for language models only
+    trainer, _ = train(config, build_model=build_model)
+    causal_lm = trainer.model.can_generate()  # as ESSSMTrainer decides it: the language models generate
     batch_size = trainer.args.per_device_eval_batch_size
     if model_name in ESSM_MODELS:
         budgets, _ = eval_budgets(trainer.args.output_dir, batch_size=batch_size, command=command)
