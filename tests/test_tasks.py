@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import modeling_essm.tasks
 from modeling_essm.tasks import TASK_NAMES, TaskData, image, listops, load_task
 from modeling_essm.tasks._common import choose_rows, resolve_data_dir
 from modeling_essm.training import PaddingCollator
@@ -155,12 +154,12 @@ def test_data_folder_comes_from_the_environment(tmp_path, monkeypatch):
     assert resolve_data_dir(tmp_path / "explicit") == tmp_path / "explicit"
 
 
-def test_default_data_folder_is_beside_the_repository(monkeypatch):
+def test_default_data_folder_is_shared_data_beside_the_working_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("ESSM_DATA_DIR", raising=False)
-    beside_repository = Path(modeling_essm.tasks.__file__).resolve().parents[2].parent / "shared" / "data"
-    if not beside_repository.is_dir():
-        pytest.skip(f"no shared data at {beside_repository}")
-    assert resolve_data_dir() == beside_repository
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")  # where the package is installed plays no part
+    assert resolve_data_dir().resolve() == (tmp_path / "shared" / "data").resolve()
 
 
 def test_bad_max_length_fails_before_reading_data(tmp_path):

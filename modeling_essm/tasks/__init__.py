@@ -18,8 +18,8 @@ __all__ = ["BENCHMARK_TASKS", "TASK_NAMES", "TaskData", "load_task", "task_field
 def load_task(name, data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0, **options) -> TaskData:
     """Train and eval splits of one task.
 
-    data_dir: folder with the shared data files (default: $ESSM_DATA_DIR, else ../shared/data
-        beside the repository, else ../shared/data from the working directory); unused by ListOps.
+    data_dir: folder with the shared data files (default: $ESSM_DATA_DIR, else ../shared/data from the
+        working directory); unused by ListOps and the files task (whose paths may be relative to it).
     max_length: longest sequence (task default when None; see each module).
     train_size, eval_size: rows per split, a seeded class-balanced subset (None: the whole
         split, or for ListOps the default number of generated trees).

@@ -37,20 +37,14 @@ class TaskData:
 
 
 def resolve_data_dir(data_dir=None) -> Path:
-    """The explicit argument, else $ESSM_DATA_DIR, else ../shared/data next to the
-    repository holding this package, else ../shared/data relative to the working directory."""
+    """The explicit argument, else $ESSM_DATA_DIR, else ../shared/data relative to the working directory (the
+    benchmark data beside a checkout of this repository, when a command runs from its root)."""
     if data_dir is None:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
-    if data_dir is not None:
-        candidates = [Path(data_dir).expanduser()]
-    else:
-        # parents: [0] tasks/, [1] modeling_essm/, [2] the repository root, [3] its parent
-        candidates = [Path(__file__).resolve().parents[3] / "shared" / "data", Path("..") / "shared" / "data"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    tried = " or ".join(str(c.resolve()) for c in candidates)
-    raise FileNotFoundError(f"data folder not found at {tried}; {_HOW_TO_POINT}")
+    folder = Path(data_dir).expanduser() if data_dir is not None else Path("..") / "shared" / "data"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder not found at {folder.resolve()}; {_HOW_TO_POINT}")
+    return folder
 
 
 def data_file(data_dir, filename: str) -> Path:
