@@ -92,6 +92,10 @@ class ESSSMConfig(PreTrainedConfig):
         spectral_chunk_mb (`float`, defaults to 64.0): and at most as many as keep one chunk's float32
             convolution output within this many MB, so that inference memory stops growing with the budget
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
+        spectral_recompute (`bool`, defaults to False): in training, recompute each chunk of spectral_chunk_size
+            channels' convolutions in backward instead of keeping them, so that activation memory stops growing with
+            the budget above one chunk; steps take longer (measured in docs/performance.md). Outputs and gradients
+            are the same. Compiled models (torch.compile) keep the convolutions.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).
@@ -122,6 +126,7 @@ class ESSSMConfig(PreTrainedConfig):
         local_conv_size: int = 0,
         spectral_chunk_size: int = 8,
         spectral_chunk_mb: float = 64.0,
+        spectral_recompute: bool = False,
         embedding_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -153,6 +158,7 @@ class ESSSMConfig(PreTrainedConfig):
         self.local_conv_size = local_conv_size
         self.spectral_chunk_size = spectral_chunk_size
         self.spectral_chunk_mb = spectral_chunk_mb
+        self.spectral_recompute = spectral_recompute
         self.embedding_dropout = embedding_dropout
         self.hidden_dropout = hidden_dropout
         self.drop_path_rate = drop_path_rate
@@ -216,6 +222,8 @@ class ESSSMConfig(PreTrainedConfig):
             raise ValueError(f"local_conv_size must be an integer >= 0 (0: no local convolution), got {self.local_conv_size!r}.")
         if self.input_size is not None and (not isinstance(self.input_size, int) or self.input_size < 1):
             raise ValueError(f"input_size must be None or a positive integer, got {self.input_size!r}.")
+        if not isinstance(self.spectral_recompute, bool):
+            raise ValueError(f"spectral_recompute must be true or false, got {self.spectral_recompute!r}.")
         if self.classifier_pooling not in ("mean", "last"):
             raise ValueError(f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}.")
         for name, meaning in (("spectral_chunk_mb", "a positive number of megabytes"),

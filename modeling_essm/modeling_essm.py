@@ -14,6 +14,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import GenerationMode
@@ -152,6 +153,7 @@ class ESSSMSpectralMixer(nn.Module):
         self.spectral_proj_multiplier = config.spectral_proj_multiplier
         self.chunk_size = config.spectral_chunk_size
         self.chunk_bytes = config.spectral_chunk_mb * 2**20
+        self.recompute = config.spectral_recompute
 
     def gate(self, u: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         """Per-token mixing weights over the active channels: (B, T, D) -> (B, T, k), float32, rows sum to 1."""
@@ -190,9 +192,16 @@ class ESSSMSpectralMixer(nn.Module):
         # 2.-3. The channels' causal convolutions by one shared FFT of u, gated and projected chunk by chunk.
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
-        # Under autograd every chunk's activations are kept anyway, so one chunk (one GEMM) is fastest;
-        # at inference chunking keeps the convolution memory independent of the budget.
-        chunk = spectral_budget if torch.is_grad_enabled() else self.inference_chunk(u.shape[0], u.shape[2], n_fft)
+        # At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. Under autograd
+        # one chunk (one GEMM) is fastest, but keeps every channel's (B, D, 2T) convolution for backward; with
+        # `spectral_recompute`, chunks of chunk_size are recomputed in backward instead (as FlashAttention
+        # recomputes attention): memory stops growing with the budget, steps take longer (docs/performance.md).
+        # torch.compile would build a graph per number of recomputed chunks, so compiled training keeps one chunk.
+        recompute = self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if torch.is_grad_enabled():
+            chunk = self.chunk_size if recompute else spectral_budget
+        else:
+            chunk = self.inference_chunk(u.shape[0], u.shape[2], n_fft)
         # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
         spectral = u.new_zeros(u.shape[0], u.shape[2], seq_len, dtype=torch.float32)  # (B, D, T)
         # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of
@@ -200,8 +209,12 @@ class ESSSMSpectralMixer(nn.Module):
         start = 0
         while start < spectral_budget:
             end = min(start + chunk, spectral_budget)
-            spectral = spectral + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
-                                                        self.projections(start, end), seq_len)
+            inputs = (u_spectrum, filter_spectrum[start:end], weights[:, start:end], self.projections(start, end))
+            if recompute:
+                part = checkpoint(self.project_channels, *inputs, seq_len, use_reentrant=False)
+            else:
+                part = self.project_channels(*inputs, seq_len)
+            spectral = spectral + part
             start = end
         # 4. Plus the skip and local paths.
         return self.combine(u, spectral.transpose(1, 2))  # (B, T, D)

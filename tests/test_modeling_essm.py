@@ -394,7 +394,8 @@ def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
      (dict(hidden_size="big"), "hidden_size must be a positive integer, got 'big'"),
      (dict(layer_norm_eps=0), "layer_norm_eps must be a positive number, got 0"),
      (dict(initializer_range="0.02"), "initializer_range must be a positive number"),
-     (dict(gate_bias_init=float("nan")), "gate_bias_init must be a finite number, got nan")],
+     (dict(gate_bias_init=float("nan")), "gate_bias_init must be a finite number, got nan"),
+     (dict(spectral_recompute="yes"), "spectral_recompute must be true or false, got 'yes'")],
 )
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -592,3 +593,43 @@ def test_remote_code_folder_loads_in_a_clean_process(config, model_class, auto_n
     with torch.no_grad():
         for k, output in remote.items():
             assert torch.equal(output, local(x, spectral_budget=k)[0])
+
+
+# --- training memory: chunks recomputed in backward ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 7, K])
+def test_training_gradients_through_recomputed_chunks_match_the_reference(k):
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(spectral_recompute=True))  # chunks of 3: budget 7 recomputes 3 in backward
+    basis, mixer = model.model.spectral_basis, model.model.layers[0].mixer
+    u = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    probe = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(2))
+    (mixer(u, basis.filter_spectrum(37, k), k) * probe).sum().backward()
+    fast = {name: p.grad.clone() for name, p in mixer.named_parameters()} | {"u": u.grad.clone()}
+    mixer.zero_grad(set_to_none=True)
+    u.grad = None
+    (naive_mixer(mixer, u, basis.filters, basis.eigenvalues, k) * probe.double()).sum().backward()
+    reference = {name: p.grad for name, p in mixer.named_parameters()} | {"u": u.grad}
+    for name, grad in fast.items():
+        scale = reference[name].abs().max().item()  # the stored M_j get c = 100 times the gradient: float32 is relative
+        torch.testing.assert_close(grad.double(), reference[name].double(), atol=1e-6 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_with_recomputation_training_memory_stops_growing_with_the_budget_above_one_chunk(recompute):
+    from modeling_essm.planner import peak_memory_mb
+
+    torch.manual_seed(0)
+    config = tiny_config(num_hidden_layers=1, max_position_embeddings=512, spectral_chunk_size=4,
+                         spectral_recompute=recompute)
+    model = ESSSMForCausalLM(config)
+    x = tokens(batch=8, seq_len=512)
+
+    def forward_backward(k):
+        model(x, labels=x, spectral_budget=k).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    peaks = {k: peak_memory_mb(lambda: forward_backward(k), torch.device("cpu")) for k in (4, K)}
+    # Kept for backward, the 16 channels' convolutions make the peak about 1.8x that of one chunk of 4.
+    assert (peaks[K] < 1.2 * peaks[4]) == recompute, peaks
