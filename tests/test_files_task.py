@@ -47,6 +47,9 @@ def test_csv_parquet_and_datasets_folders_read_alike(tmp_path):
     datasets.DatasetDict({"train": table, "test": table}).save_to_disk(tmp_path / "folder")
     loaded = [load_task("files", train_file=str(tmp_path / name), eval_file=str(tmp_path / name))
               for name in ("data.csv", "data.parquet", "folder")]
+    subset = load_task("files", train_file=str(tmp_path / "data.csv"), eval_file=str(tmp_path / "data.csv"),
+                       train_size=2, eval_size=2)
+    assert len(subset.train) == 2 and subset.num_labels == 3  # a class left out of the subset still has its id
     for task in loaded:
         assert task.num_labels == 3 and task.label_names is None
         assert task.train["input_ids"] == [list(b"ab"), list(b"cd"), list(b"ef"), list(b"gh")]

@@ -111,20 +111,21 @@ def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0
         raise ValueError("data given as input_ids needs the task's vocab_size (the number of token ids)")
     classification = objective == "classification"
     names = label_names(tables["train"], label_column) if classification else None
-    splits = {}
+    splits, num_labels = {}, None
     for split, size in (("train", train_size), ("eval", eval_size)):
         if classification:
             table = classification_split(tables[split], paths[split], text_column, label_column, max_length,
                                          names=names)
+            labels = np.asarray(table["labels"])
+            num_labels = max(num_labels or 0, int(labels.max()) + 1)  # every class in the files, kept or not
         else:
-            table = language_modeling_split(tables[split], paths[split], text_column, max_length)
-        labels = np.asarray(table["labels"]) if classification else None
+            table, labels = language_modeling_split(tables[split], paths[split], text_column, max_length), None
         splits[split] = table.select(choose_rows(len(table), size, seed, labels))
     return TaskData(
         name="files",
         train=splits["train"],
         eval=splits["eval"],
-        num_labels=int(max(max(splits[split]["labels"]) for split in splits)) + 1 if classification else None,
+        num_labels=num_labels,
         vocab_size=vocab_size if by_ids else BYTE_VOCAB_SIZE,
         input_size=None,
         pad_token_id=None if by_ids else BYTE_PAD_ID,
