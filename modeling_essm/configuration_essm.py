@@ -29,7 +29,8 @@ def check_positive_int(name: str, value) -> None:
 def check_spectral_budget(budget, config: "ESSSMConfig", name: str = "spectral_budget"):
     """A budget as the model reads it: an integer k in [min_spectral_budget, num_spectral_filters], which runs every
     layer at k (or at its own K when that is smaller), or one integer per layer, each in [min_spectral_budget, the
-    layer's K]. Returns the int, or the per-layer budgets as a tuple; raises a ValueError naming the valid range."""
+    layer's K]. Returns the int, or the per-layer budgets as a list (as JSON keeps them); raises a ValueError naming
+    the valid range."""
     low, full = config.min_spectral_budget, config.layer_spectral_filters
     valid = (f"an integer in [{low}, {config.num_spectral_filters}] (min_spectral_budget to num_spectral_filters), "
              f"or a list of {len(full)} integers, one per layer, each in [{low}, that layer's K] (K per layer: "
@@ -40,7 +41,7 @@ def check_spectral_budget(budget, config: "ESSSMConfig", name: str = "spectral_b
         for layer, (k, top) in enumerate(zip(budget, full)):
             if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not low <= k <= top:
                 raise ValueError(f"{name} must be {valid}; got {k!r} for layer {layer} in {list(budget)!r}.")
-        return tuple(int(k) for k in budget)
+        return [int(k) for k in budget]
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
         raise ValueError(f"{name} must be {valid}; got {budget!r} of type {type(budget).__name__}.")
     if not low <= budget <= config.num_spectral_filters:
@@ -210,7 +211,7 @@ class ESSSMConfig(PreTrainedConfig):
         if self.spectral_budget is not None:
             budget = check_spectral_budget(self.spectral_budget, self,
                                            "spectral_budget (the model's default budget, None for the full budget)")
-            self.spectral_budget = list(budget) if isinstance(budget, tuple) else budget  # JSON keeps lists
+            self.spectral_budget = budget
         if self.num_spectral_filters > self.max_position_embeddings:
             raise ValueError(
                 f"num_spectral_filters ({self.num_spectral_filters}) cannot exceed "
@@ -248,10 +249,10 @@ class ESSSMConfig(PreTrainedConfig):
         per_layer = self.num_spectral_filters_per_layer
         return tuple(per_layer) if per_layer is not None else (self.num_spectral_filters,) * self.num_hidden_layers
 
-    def layer_budgets(self, budget: int | tuple[int, ...]) -> tuple[int, ...]:
+    def layer_budgets(self, budget: int | list[int]) -> tuple[int, ...]:
         """Each layer's budget under a checked budget (see `check_spectral_budget`): an integer caps every layer."""
-        if isinstance(budget, tuple):
-            return budget
+        if isinstance(budget, list):
+            return tuple(budget)
         return tuple(min(budget, top) for top in self.layer_spectral_filters)
 
     @classmethod

@@ -76,7 +76,12 @@ def load_tokenizer(folder):
 
 
 def checked_budgets(budgets, config) -> list[int]:
-    return sorted({resolve_spectral_budget(k, config) for k in budgets})
+    """The budgets of the compact exports: integers (a repository named <repo_id>-k<k> each)."""
+    resolved = [resolve_spectral_budget(k, config) for k in budgets]
+    if any(isinstance(k, list) for k in resolved):
+        raise ValueError("compact exports take integer budgets; push a per-layer slice (slice_to_budget([...]) "
+                         "saved to a folder) as a repository of its own")
+    return sorted(set(resolved))
 
 
 def compact_repo_id(repo_id: str, spectral_budget: int) -> str:

@@ -29,10 +29,10 @@ from .spectral_filters import spectral_filters
 from .speculative_essm import DEFAULT_DRAFT_TOKENS, ESSSMDraftCandidateGenerator
 
 
-def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int | tuple[int, ...]:
+def resolve_spectral_budget(spectral_budget, config: ESSSMConfig) -> int | list[int]:
     """The budget of one call: `None` means the model's default (`config.spectral_budget`, itself None for the
     full K); anything else an integer in range or one per layer (see `check_spectral_budget`). A per-layer budget
-    comes back as a tuple."""
+    comes back as a list."""
     if spectral_budget is None:
         if config.spectral_budget is None:
             return config.num_spectral_filters
@@ -382,10 +382,9 @@ def within_slice(default_budget, sliced_config: ESSSMConfig):
     if default_budget is None:
         return None
     try:
-        budget = check_spectral_budget(default_budget, sliced_config)
+        return check_spectral_budget(default_budget, sliced_config)
     except ValueError:
         return None
-    return list(budget) if isinstance(budget, tuple) else budget
 
 
 class ESSSMModel(ESSSMPreTrainedModel):

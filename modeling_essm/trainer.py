@@ -125,11 +125,10 @@ class ESSSMTrainer(Trainer):
         default = config.spectral_budget
         try:
             for budget in self.eval_budgets:
-                per_layer = isinstance(budget, tuple)
-                config.spectral_budget = list(budget) if per_layer else budget  # what calls without a budget run at
+                config.spectral_budget = budget  # what every call without a budget runs at
                 at_budget = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                                     metric_key_prefix)
-                label = "-".join(map(str, budget)) if per_layer else budget  # per layer: eval_loss_k2-8
+                label = "-".join(map(str, budget)) if isinstance(budget, list) else budget  # per layer: k2-8
                 output.metrics.update({f"{key}_k{label}": value for key, value in at_budget.metrics.items()
                                        if not key.endswith(("_runtime", "_per_second"))})
         finally:

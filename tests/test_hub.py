@@ -303,3 +303,11 @@ def test_the_script_and_the_console_command_run_the_same_main(saved_folder, tmp_
     result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py"), str(saved_folder), "tiny"],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2 and "as 'owner/name'" in result.stderr, result.stderr[-2000:]
+
+
+def test_compact_exports_refuse_per_layer_budgets_before_anything_is_written(saved_folder, tmp_path, monkeypatch):
+    hub = HubInAFolder(tmp_path / "cache")
+    route_hub_calls(monkeypatch, hub)
+    with pytest.raises(ValueError, match="compact exports take integer budgets"):
+        modeling_essm.hub.push_essm_to_hub(saved_folder, REPO, budgets=[4, [2, 8]])
+    assert hub.calls == [] and not hub.cache.exists()
