@@ -139,8 +139,8 @@ class BudgetSampler:
             return rng.choice(self.grid)
         return self.snap_to_grid(self.paper_continuous_budget(rng.random()))
 
-    def layer_budgets(self, step):
-        """The budgets the layers run at on `step`: one per layer with per-layer draws, else the step's one."""
+    def counted_budgets(self, step):
+        """The budgets the budget counts record for `step`: one per layer with per-layer draws, else the step's."""
         budget = self(step)
         if isinstance(budget, tuple):
             return list(budget)
@@ -240,7 +240,7 @@ class BudgetSamplingCallback(TrainerCallback):
         # Draws are a pure function of the step, so replaying them counts exactly the budgets that ran,
         # including steps taken before a resumed checkpoint but after its last log.
         steps = range(self._logged_through_step, state.global_step)
-        counts = Counter(k for step in steps for k in self._active_sampler.layer_budgets(step))
+        counts = Counter(k for step in steps for k in self._active_sampler.counted_budgets(step))
         entries = {f"budget_count_{k}": n for k, n in sorted(counts.items())}
         self._logged_through_step = state.global_step
         # The Trainer appends a copy of `logs` to the history before calling back, so update both:

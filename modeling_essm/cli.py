@@ -8,8 +8,8 @@ import shlex
 import sys
 
 # What each extra installs that its commands import (module names, not package names).
-EXTRA_MODULES = {"train": ("accelerate", "datasets", "yaml", "matplotlib"),
-                 "bench": ("accelerate", "datasets", "yaml", "matplotlib", "PIL")}
+TRAIN_MODULES = ("accelerate", "datasets", "yaml", "matplotlib")
+EXTRA_MODULES = {"train": TRAIN_MODULES, "bench": (*TRAIN_MODULES, "PIL")}
 
 
 def require_extra(prog: str, extra: str) -> None:

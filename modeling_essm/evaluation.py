@@ -183,7 +183,7 @@ def check_data_request(model_dir, data=None) -> None:
 def load_user_data(path, model_dir, config, text_column="text", label_column="label"):
     """Evaluation rows from your file or `datasets` folder (see `tasks.files`): token ids, or text read by the
     tokenizer saved with the model; a language model's rows cut into chunks it can read, a classifier's labels
-    (names through `config.label2id`)."""
+    (names through the model's `id2label`)."""
     table = read_table(path)
     encode = None
     if "input_ids" not in table.column_names:
@@ -205,19 +205,25 @@ def load_user_data(path, model_dir, config, text_column="text", label_column="la
 
 
 def evaluation_data(model_dir, data=None, max_eval_samples=None, text_column="text", label_column="label"):
-    """(dataset, collator, causal_lm): the eval split of the task in the folder's run config, or your own data."""
+    """(dataset, collator, causal_lm, source): the eval split of the task in the folder's run config, or your own
+    data; `source` names it (the task, or the data's path) for reports."""
     config = AutoConfig.from_pretrained(model_dir)
     if data is None:
         task_section = dict(load_run_config(Path(model_dir) / RUN_CONFIG_NAME)["task"])
         task = load_task(task_section.pop("name"), **task_section)
-        dataset, collator, causal_lm = task.eval, collator_for(task), is_language_model(task)
+        dataset, collator, causal_lm, source = task.eval, collator_for(task), is_language_model(task), task.name
     else:
         dataset = load_user_data(data, model_dir, config, text_column, label_column)
-        causal_lm = is_causal_lm(config)
+        causal_lm, source = is_causal_lm(config), str(data)
         collator = PaddingCollator(pad_token_id=config.pad_token_id, causal_lm=causal_lm)
     if max_eval_samples is not None:
         dataset = dataset.select(range(min(max_eval_samples, len(dataset))))
-    return dataset, collator, causal_lm
+    return dataset, collator, causal_lm, source
+
+
+def default_output_dir(model_dir) -> Path:
+    """Reports go beside a local model, or into the working directory for a Hub id."""
+    return Path(model_dir) if Path(model_dir).is_dir() else Path(".")
 
 
 def check_sweep_request(model_dir, budgets=None, data=None) -> None:
@@ -238,7 +244,8 @@ def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, 
     """Sweep a saved model over `budgets` (default: the grid) on the eval split of its task (a training run's
     output_dir) or on `data` (your file or datasets folder; then `model_dir` may be any saved model or Hub id)."""
     check_sweep_request(model_dir, budgets, data)
-    dataset, collator, causal_lm = evaluation_data(model_dir, data, max_eval_samples, text_column, label_column)
+    dataset, collator, causal_lm, source = evaluation_data(model_dir, data, max_eval_samples, text_column,
+                                                           label_column)
     auto_class = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = auto_class.from_pretrained(model_dir).to(device).eval()
@@ -251,15 +258,14 @@ def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, 
     rows = sweep_budgets(model, dataset, collator, budgets, batch_size, causal_lm)
     settings = {
         "model_dir": str(model_dir),
-        "task": load_run_config(Path(model_dir) / RUN_CONFIG_NAME)["task"]["name"] if data is None else str(data),
+        "task": source,
         "eval_samples": len(dataset),
         "batch_size": batch_size,
         "num_threads": torch.get_num_threads(),
         "device": str(model.device),
         "command": command,
     }
-    local = Path(model_dir).is_dir()
-    paths = write_report(rows, output_dir or (model_dir if local else "."), settings)
+    paths = write_report(rows, output_dir or default_output_dir(model_dir), settings)
     print(markdown_table(rows))
     print("wrote " + ", ".join(str(path) for path in paths.values()))
     return rows, paths

@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from .budget import default_budget_grid
 from .configuration_essm import ESSSMConfig
-from .evaluation import check_data_request, evaluation_data, is_causal_lm, measure, synchronize, without_labels
+from .evaluation import (check_data_request, default_output_dir, evaluation_data, is_causal_lm, measure, metric_name,
+                         synchronize, without_labels)
 from .modeling_essm import fft_length
 from .training import RUN_CONFIG_NAME, RunConfigError
 
@@ -139,15 +140,14 @@ def measure_costs(model, layer_budgets, sequence: dict, batch: dict, causal_lm: 
 # --- quality and the search --------------------------------------------------------------------------------------
 
 
-def metric_of(summary) -> str:
-    return "accuracy" if "accuracy" in summary else "bits_per_byte"
+def quality(row, metric: str) -> float:
+    """The metric turned so that higher is better: accuracy as it is, bits per byte negated."""
+    return row[metric] if metric == "accuracy" else -row[metric]
 
 
-def quality_drop(summary, full) -> float:
+def quality_drop(summary, full, metric: str) -> float:
     """The relative loss of quality against the full budget: accuracy lost, or bits per byte gained, over full."""
-    metric = metric_of(full)
-    change = full[metric] - summary[metric] if metric == "accuracy" else summary[metric] - full[metric]
-    return change / full[metric]
+    return (quality(full, metric) - quality(summary, metric)) / full[metric]
 
 
 def measure_quality(model, dataset, collator, plans, batch_size, causal_lm) -> dict:
@@ -186,10 +186,9 @@ def greedy_layer_search(model, dataset, collator, levels, batch_size, causal_lm,
 
 def pareto_front(rows, cost: str, metric: str) -> list:
     """The rows that no other row beats on both `cost` (lower is better) and `metric` (its own direction)."""
-    better = (lambda a, b: a > b) if metric == "accuracy" else (lambda a, b: a < b)
     front = []
-    for row in sorted(rows, key=lambda row: (row[cost], -row[metric] if metric == "accuracy" else row[metric])):
-        if not front or better(row[metric], front[-1][metric]):
+    for row in sorted(rows, key=lambda row: (row[cost], -quality(row, metric))):
+        if not front or quality(row, metric) > quality(front[-1], metric):
             front.append(row)
     return front
 
@@ -212,10 +211,9 @@ def per_layer_against_uniform(rows, metric: str, cost="flops_per_token") -> list
         at_cost = {field: uniform_curve_at(uniform, cost, field, row[cost]) for field in (metric, "loss")}
         if at_cost["loss"] is None:
             continue
-        sign = 1 if metric == "accuracy" else -1
         comparison.append({"budget": row["budget"], cost: row[cost], metric: row[metric], "loss": row["loss"],
                            f"uniform_{metric}": at_cost[metric], "uniform_loss": at_cost["loss"],
-                           f"{metric}_gain": sign * (row[metric] - at_cost[metric]),
+                           f"{metric}_gain": quality(row, metric) - quality(at_cost, metric),
                            "loss_gain": at_cost["loss"] - row["loss"]})
     return comparison
 
@@ -318,7 +316,8 @@ def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_s
     targets, default_path, slice_path = check_plan_request(model_dir, data, targets, write_default, write_slice,
                                                            max_eval_samples=max_eval_samples,
                                                            batch_size=batch_size, repeats=repeats)
-    dataset, collator, causal_lm = evaluation_data(model_dir, data, max_eval_samples, text_column, label_column)
+    dataset, collator, causal_lm, source = evaluation_data(model_dir, data, max_eval_samples, text_column,
+                                                           label_column)
     auto_class = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = auto_class.from_pretrained(model_dir).to(device).eval()
@@ -338,7 +337,7 @@ def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_s
     sequence = {name: tensor.to(device) for name, tensor in longest.items()}
     batch = {name: tensor.to(device) for name, tensor in without_labels(collator(
         [dataset[i] for i in range(min(batch_size, len(dataset)))])).items()}
-    metric = metric_of(measured[full])
+    metric = metric_name([measured[full]])
     rows = []
     for plan in dict.fromkeys([*uniform, *searched]):  # each plan once, in order
         kind = "uniform" if plan in uniform else "per-layer"
@@ -346,10 +345,10 @@ def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_s
         # The search starts from the full budget and may pass through uniform plans too.
         rows.append({"budget": budget, "layer_budgets": list(plan), "kind": kind,
                      "searched": plan == full or plan in searched, **measured[plan],
-                     "quality_drop": quality_drop(measured[plan], measured[full]),
+                     "quality_drop": quality_drop(measured[plan], measured[full], metric),
                      **measure_costs(model, plan, sequence, batch, causal_lm, repeats)})
     report = {
-        "settings": {"model_dir": str(model_dir), "data": str(data) if data else "the model's task (run config)",
+        "settings": {"model_dir": str(model_dir), "data": source,
                      "eval_samples": len(dataset), "levels": list(levels), "batch_size": batch_size,
                      "repeats": repeats, "device": str(model.device), "num_threads": torch.get_num_threads(),
                      "sequence_length": next(iter(sequence.values())).shape[1], "command": command},
@@ -359,7 +358,7 @@ def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_s
         "frontier": {cost: [row["budget"] for row in pareto_front(rows, cost, metric)] for cost in COST_FIELDS},
         "per_layer_against_uniform": per_layer_against_uniform(rows, metric),
     }
-    output_dir = Path(output_dir or (model_dir if Path(model_dir).is_dir() else "."))
+    output_dir = Path(output_dir or default_output_dir(model_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     report_path = output_dir / f"{REPORT_NAME}.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -386,7 +385,7 @@ def choose_and_check(model, model_dir, rows, full, targets, dataset, collator, s
                              f"{REPORT_NAME}.json, and no model was written")
     plan = tuple(chosen["layer_budgets"])
     again = measure_quality(model, dataset, collator, [plan], batch_size, causal_lm)[plan]
-    remeasured = {**again, "quality_drop": quality_drop(again, full),
+    remeasured = {**again, "quality_drop": quality_drop(again, full, metric_name([full])),
                   **measure_costs(model, plan, sequence, batch, causal_lm, repeats)}
     met = {name: remeasured[TARGETS[name]] <= limit for name, limit in targets.items()}
     result = {"targets": targets, "chosen": chosen["budget"], "remeasured": remeasured, "met": met}

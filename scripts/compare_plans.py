@@ -11,12 +11,13 @@
 
 import argparse
 import json
+from pathlib import Path
 
 from modeling_essm.planner import per_layer_against_uniform
 
 
 def load(path):
-    return json.loads(open(path).read())
+    return json.loads(Path(path).read_text())
 
 
 def plans_table(report) -> str:

@@ -279,7 +279,7 @@ def test_per_layer_draws_give_each_layer_its_own_budget_and_keep_the_first_layer
     assert [draw[0] for draw in free] == [shared(step) for step in range(2, 400) if (step + 1) % 4]
     assert sum(len(set(draw)) > 1 for draw in free) > 0.8 * len(free)  # the layers differ on most steps
     assert draws == [per_layer(step) for step in range(400)]  # a pure function of (seed, step)
-    assert per_layer.layer_budgets(3) == [32, 32, 32] and per_layer.layer_budgets(5) == list(draws[5])
+    assert per_layer.counted_budgets(3) == [32, 32, 32] and per_layer.counted_budgets(5) == list(draws[5])
     with pytest.raises(ValueError, match="per_layer must be true or false"):
         BudgetSampler(per_layer="yes")
     with pytest.raises(ValueError, match="num_layers must be an integer >= 1"):

@@ -122,7 +122,7 @@ def test_the_planner_reports_uniform_and_searched_plans_with_every_cost(listops_
         assert r["ms_per_token"] > 0 and r["ms_per_sequence"] > 0 and r["peak_memory_mb"] > 0
     assert plans["8"]["quality_drop"] == 0 and plans["2"]["flops_per_token"] < plans["8"]["flops_per_token"]
     # The quality of each plan is the model's at that budget on the task's eval split.
-    dataset, collator, _ = evaluation_data(listops_run)
+    dataset, collator, _, _ = evaluation_data(listops_run)
     for r in (plans["4"], next(r for r in report["plans"] if r["kind"] == "per-layer")):
         direct = measure(model.eval(), dataset, collator, {"p": {"spectral_budget": r["budget"]}}, 32, False)["p"]
         assert r["loss"] == pytest.approx(direct["loss"]) and r["accuracy"] == direct["accuracy"]
@@ -138,7 +138,7 @@ def test_the_chosen_plan_is_written_as_the_default_budget_and_meets_its_target_w
     assert deployed.config.spectral_budget == target["chosen"]
     assert not (tmp_path / "deploy" / "tokenizer_config.json").exists()  # ListOps reads token ids: none to copy
     # Measured again by hand, through a plain load: the default budget gives the chosen plan's quality.
-    dataset, collator, _ = evaluation_data(tmp_path / "deploy")  # the run config travels with the model
+    dataset, collator, _, _ = evaluation_data(tmp_path / "deploy")  # the run config travels with the model
     again = measure(deployed, dataset, collator, {"default": {}}, 32, False)["default"]
     full = measure(deployed, dataset, collator, {"full": {"spectral_budget": 8}}, 32, False)["full"]
     assert (full["accuracy"] - again["accuracy"]) / full["accuracy"] <= 0.2
@@ -171,8 +171,8 @@ def test_the_planner_reads_the_users_own_text_for_a_language_model(tmp_path):
     assert [r["budget"] for r in report["plans"] if r["kind"] == "uniform"] == [2, 3, 4, 6]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()
     ids = [list(f"line {i}: to be, or not to be".encode()) for i in range(12)]
-    dataset, collator, causal_lm = evaluation_data(tmp_path / "lm", data=data)
-    assert causal_lm and dataset["input_ids"] == ids
+    dataset, collator, causal_lm, source = evaluation_data(tmp_path / "lm", data=data)
+    assert causal_lm and source == str(data) and dataset["input_ids"] == ids
     direct = measure(model, dataset, collator, {"k": {"spectral_budget": 3}}, 4, True)["k"]
     assert next(r for r in report["plans"] if r["budget"] == 3)["bits_per_byte"] == pytest.approx(
         direct["bits_per_byte"])
