@@ -84,7 +84,7 @@ def sweep_budgets(model, dataset, collator, budgets, batch_size=32, causal_lm=Fa
     """One row per budget: its metric, loss, tokens/s and the parameters a model sliced to it keeps."""
     summaries = measure(model, dataset, collator, {budget: {"spectral_budget": budget} for budget in budgets},
                         batch_size, causal_lm)
-    return [{"budget": budget, **summaries[budget], "parameters": model.slice_to_budget(budget).num_parameters()}
+    return [{"budget": budget, **summaries[budget], "parameters": model.num_parameters_at_budget(budget)}
             for budget in budgets]
 
 

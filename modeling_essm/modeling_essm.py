@@ -348,6 +348,22 @@ class ESSSMPreTrainedModel(PreTrainedModel):
             init.copy_(module.eigenvalues, eigenvalues.float())
             init.copy_(module.filters, filters.float())
 
+    def sliced_config(self, spectral_budget: int | list[int]) -> ESSSMConfig:
+        """The config of `slice_to_budget(spectral_budget)`: the budget's channels become the full set."""
+        layer_budgets = self.config.layer_budgets(resolve_spectral_budget(spectral_budget, self.config))
+        config = copy.deepcopy(self.config)
+        config.num_spectral_filters = max(layer_budgets)
+        config.num_spectral_filters_per_layer = None if len(set(layer_budgets)) == 1 else list(layer_budgets)
+        config.min_spectral_budget = min(config.min_spectral_budget, *layer_budgets)
+        config.spectral_budget = within_slice(config.spectral_budget, config)
+        return config
+
+    def num_parameters_at_budget(self, spectral_budget: int | list[int]) -> int:
+        """The parameters a budget uses: those of `slice_to_budget(spectral_budget)`, counted without copying a
+        weight (the slice is built on the meta device)."""
+        with torch.device("meta"):
+            return type(self)(self.sliced_config(spectral_budget)).num_parameters()
+
     def slice_to_budget(self, spectral_budget: int | list[int]) -> "ESSSMPreTrainedModel":
         """A new, smaller model of the same class whose full budget is `spectral_budget`, an integer or one per layer.
 
@@ -355,13 +371,7 @@ class ESSSMPreTrainedModel(PreTrainedModel):
         the filters, eigenvalues, projections M_j and the gate's last rows (per layer: each layer's own, and the
         filters to the largest). A default budget above the slice's is dropped: the slice runs at its full budget.
         """
-        budget = resolve_spectral_budget(spectral_budget, self.config)
-        layer_budgets = self.config.layer_budgets(budget)
-        config = copy.deepcopy(self.config)
-        config.num_spectral_filters = max(layer_budgets)
-        config.num_spectral_filters_per_layer = None if len(set(layer_budgets)) == 1 else list(layer_budgets)
-        config.min_spectral_budget = min(config.min_spectral_budget, *layer_budgets)
-        config.spectral_budget = within_slice(config.spectral_budget, config)
+        config = self.sliced_config(spectral_budget)
         sliced = type(self)(config).to(device=self.device, dtype=self.dtype)
         source = self.state_dict()
         state = {

@@ -129,7 +129,7 @@ def measure_costs(model, layer_budgets, sequence: dict, batch: dict, causal_lm: 
     else:
         per_token = per_sequence / seq_len  # a classifier reads whole sequences
     return {
-        "parameters": model.slice_to_budget(budget).num_parameters(),
+        "parameters": model.num_parameters_at_budget(budget),
         "flops_per_token": flops_per_token(model.config, layer_budgets, seq_len),
         "ms_per_token": per_token,
         "ms_per_sequence": per_sequence,

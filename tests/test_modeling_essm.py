@@ -121,6 +121,13 @@ def test_slice_to_budget_equals_the_budgeted_forward(config, model_class, k):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) or k == K
 
 
+@pytest.mark.parametrize("budget", [2, 5, K, [2, K]])
+def test_parameters_at_a_budget_are_those_of_the_slice(config, budget):
+    model = ESSSMForCausalLM(config)
+    assert model.num_parameters_at_budget(budget) == model.slice_to_budget(budget).num_parameters()
+    assert model.num_parameters_at_budget(budget) < model.num_parameters() or budget == K
+
+
 def test_sliced_model_saves_a_smaller_checkpoint(causal_lm, tmp_path):
     causal_lm.save_pretrained(tmp_path / "full")
     causal_lm.slice_to_budget(4).save_pretrained(tmp_path / "k4")
