@@ -30,8 +30,7 @@ from transformers import TrainingArguments, set_seed
 from .budget import BudgetSampler, BudgetSamplingCallback
 from .configuration_essm import ESSSMConfig
 from .modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification, resolve_spectral_budget
-from .tasks import BYTE_VOCAB_SIZE, load_task, task_fields
-from .tokenization_essm import build_fast_tokenizer
+from .tasks import load_task, task_fields
 from .trainer import EMACallback, ESSSMTrainer, SandwichRule
 
 
@@ -173,10 +172,10 @@ def check_recipe(recipe, source):
 
 
 def save_tokenizer_for(task, output_dir):
-    """Byte-level tasks (text, LM) save the byte tokenizer beside the model: the folder then works as it is,
-    with a plain AutoTokenizer, for generate, pipelines and a Hub push."""
-    if task.vocab_size == BYTE_VOCAB_SIZE:
-        build_fast_tokenizer().save_pretrained(output_dir)
+    """Tasks whose inputs have a text form (bytes, ListOps expressions) save their tokenizer beside the model: the
+    folder then works as it is, with a plain AutoTokenizer, for generate, pipelines, the explorer and a Hub push."""
+    if task.build_tokenizer is not None:
+        task.build_tokenizer().save_pretrained(output_dir)
 
 
 def save_run_config(config, output_dir):

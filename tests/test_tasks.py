@@ -50,6 +50,16 @@ def test_listops_vocabulary():
     assert listops.decode(listops.encode("[SM 1 [MED 2 3 ] ]") + [0, 0]) == "[SM 1 [MED 2 3 ] ]"
 
 
+def test_listops_tokenizer_reads_expressions_as_encode_does():
+    tokenizer = listops.build_tokenizer()
+    for row in small_listops().eval:
+        expression = listops.decode(row["input_ids"])
+        assert tokenizer(expression).input_ids == row["input_ids"]
+        assert tokenizer.decode(row["input_ids"]) == expression
+    with pytest.raises(Exception, match="UNK"):  # no unknown token: a typo is an error, not a silent id
+        tokenizer("[MAX 2 x ]")
+
+
 def small_listops(seed=0, train_size=40, eval_size=15):
     return load_task("listops", max_length=80, min_length=30, train_size=train_size, eval_size=eval_size, seed=seed)
 

@@ -2,6 +2,7 @@
 building `datasets.Dataset` splits quickly from numpy arrays."""
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class TaskData:
     max_length: int
     metric: str  # "accuracy" or "bits_per_byte"
     label_names: tuple[str, ...] | None = None  # the classes' names, by id, when the data names them
+    # Builds the tokenizer that writes this task's inputs as text, when they have a text form; training saves it
+    # beside the model, so the folder reads text as it is.
+    build_tokenizer: Callable | None = None
 
 
 def resolve_data_dir(data_dir=None) -> Path:

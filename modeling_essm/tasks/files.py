@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from ..tokenization_essm import build_fast_tokenizer
 from ._common import BYTE_PAD_ID, BYTE_VOCAB_SIZE, TaskData, check_max_length, check_positive_int, choose_rows
 
 OBJECTIVES = ("classification", "language_modeling")
@@ -132,4 +133,5 @@ def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0
         max_length=max_length,
         metric="accuracy" if classification else "bits_per_byte",
         label_names=tuple(names) if names else None,
+        build_tokenizer=None if by_ids else build_fast_tokenizer,
     )

@@ -13,6 +13,9 @@ opening bracket are one token, as in LRA), "]" as 15.
 
 import random
 
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 from ._common import TaskData, check_max_length, check_positive_int, labelled_dataset
 
 
@@ -51,6 +54,14 @@ def encode(expression: str) -> list[int]:
 
 def decode(input_ids) -> str:
     return " ".join(VOCAB[i] for i in input_ids if i != PAD_ID)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The vocabulary as a tokenizer of space-separated expressions (as `encode` reads them), so that a saved
+    ListOps model reads '[MAX 2 9 [MIN 4 7 ] 0 ]' as text; a token outside the vocabulary is an error."""
+    tokenizer = Tokenizer(models.WordLevel(vocab=TOKEN_IDS))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=VOCAB[PAD_ID], padding_side="right")
 
 
 def evaluate(input_ids) -> int:
@@ -141,4 +152,6 @@ def load(
         pad_token_id=PAD_ID,
         max_length=max_length,
         metric="accuracy",
+        label_names=VALUES,
+        build_tokenizer=build_tokenizer,
     )

@@ -7,6 +7,7 @@ Metric: bits per byte = mean cross-entropy in nats / ln 2."""
 import datasets
 import numpy as np
 
+from ..tokenization_essm import build_fast_tokenizer
 from ._common import BYTE_PAD_ID, BYTE_VOCAB_SIZE, TaskData, check_max_length, choose_rows, data_file, list_column
 
 FILENAME = "tinyshakespeare.txt"
@@ -41,5 +42,6 @@ def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0
         input_size=None,
         pad_token_id=BYTE_PAD_ID,
         max_length=max_length,
+        build_tokenizer=build_fast_tokenizer,
         metric="bits_per_byte",
     )

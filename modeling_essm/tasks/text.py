@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from ..tokenization_essm import build_fast_tokenizer
 from ._common import BYTE_PAD_ID, BYTE_VOCAB_SIZE, TaskData, check_max_length, choose_rows, data_file, labelled_dataset
 
 FILENAME = "imdb.jsonl.gz"
@@ -46,4 +47,6 @@ def load(data_dir=None, max_length=None, train_size=None, eval_size=None, seed=0
         pad_token_id=BYTE_PAD_ID,
         max_length=max_length,
         metric="accuracy",
+        label_names=LABEL_NAMES,
+        build_tokenizer=build_fast_tokenizer,
     )
