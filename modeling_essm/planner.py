@@ -11,10 +11,8 @@ writes it as the model's default budget or as a compact sliced model.
 
 import json
 import math
-import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from .budget import default_budget_grid
 from .configuration_essm import ESSSMConfig
 from .evaluation import (check_data_request, default_output_dir, evaluation_data, is_causal_lm, measure, metric_name,
                          synchronize, without_labels)
+from .folders import check_new_folder, written_atomically
 from .modeling_essm import fft_length
 from .training import RUN_CONFIG_NAME, RunConfigError
 
@@ -257,13 +256,13 @@ def check_targets(targets: dict) -> dict:
 
 
 def check_destination(path, flag: str) -> Path | None:
-    """A new or empty folder to write to: nothing the user saved is overwritten."""
+    """A new or empty folder to write to, or None when not asked for."""
     if path is None:
         return None
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RunConfigError(f"{flag} {path} exists and is not an empty folder: name a new one")
-    return path
+    try:
+        return check_new_folder(path, flag)
+    except ValueError as error:
+        raise RunConfigError(str(error)) from None
 
 
 def check_plan_request(model_dir, data=None, targets=None, write_default=None, write_slice=None, **sizes):
@@ -293,19 +292,11 @@ COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def save_atomically(model, model_dir, destination: Path) -> None:
     """The model, and the tokenizer and run config of a local `model_dir` when it has them, into `destination`,
     all at once or not at all."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
-    try:
+    with written_atomically(destination) as staging:
         model.save_pretrained(staging)
         for name in COMPANION_FILES:
             if (Path(model_dir) / name).is_file():
                 shutil.copy2(Path(model_dir) / name, staging / name)
-        if destination.exists():
-            destination.rmdir()  # checked empty before any work
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def plan_budgets(model_dir, data=None, targets=None, write_default=None, write_slice=None, output_dir=None,

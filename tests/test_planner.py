@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import tiny_config
 from test_training import write_config
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from modeling_essm import ESSSMForCausalLM, ESSSMForSequenceClassification, build_fast_tokenizer
 from modeling_essm.cli import plan_main
 from modeling_essm.evaluation import evaluation_data, measure
+from modeling_essm.tasks import listops
 from modeling_essm.planner import (
     TARGETS,
     choose_plan,
@@ -136,7 +137,8 @@ def test_the_chosen_plan_is_written_as_the_default_budget_and_meets_its_target_w
     assert all(target["met"].values()) and target["remeasured"]["quality_drop"] <= 0.2
     deployed = AutoModelForSequenceClassification.from_pretrained(tmp_path / "deploy").eval()
     assert deployed.config.spectral_budget == target["chosen"]
-    assert not (tmp_path / "deploy" / "tokenizer_config.json").exists()  # ListOps reads token ids: none to copy
+    expression = "[MAX 2 9 ]"  # the run's tokenizer travels with the model
+    assert AutoTokenizer.from_pretrained(tmp_path / "deploy")(expression).input_ids == listops.encode(expression)
     # Measured again by hand, through a plain load: the default budget gives the chosen plan's quality.
     dataset, collator, _, _ = evaluation_data(tmp_path / "deploy")  # the run config travels with the model
     again = measure(deployed, dataset, collator, {"default": {}}, 32, False)["default"]
