@@ -6,10 +6,11 @@ import contextlib
 import importlib.util
 import shlex
 import sys
+from pathlib import Path
 
 # What each extra installs that its commands import (module names, not package names).
 TRAIN_MODULES = ("accelerate", "datasets", "yaml", "matplotlib")
-EXTRA_MODULES = {"train": TRAIN_MODULES, "bench": (*TRAIN_MODULES, "PIL")}
+EXTRA_MODULES = {"train": TRAIN_MODULES, "bench": (*TRAIN_MODULES, "PIL"), "explore": ("gradio", "matplotlib")}
 
 
 def require_extra(prog: str, extra: str) -> None:
@@ -162,3 +163,48 @@ def plan_main(argv=None):
         # A target no measured plan meets ends here too, in one line, after the frontier is written.
         plan_budgets(args.model_dir, **request, **sizes, output_dir=args.output_dir, text_column=args.text_column,
                      label_column=args.label_column, command=command)
+
+
+def explore_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="essm-explore",
+        description="Serve the budget explorer of a saved ES-SSM in the browser: generation (a causal LM) or "
+        "predictions (a classifier) at any spectral budget, with the measured cost and the budget-quality curve.",
+    )
+    parser.add_argument("model", help="a saved model folder (e.g. the output_dir of essm-train) or a Hub id")
+    parser.add_argument("--data", help="evaluation data for measuring the quality curve on demand, as essm-eval-budgets "
+                        "takes it (default: the task in the folder's run_config.yaml)")
+    parser.add_argument("--curve-samples", type=int, default=200,
+                        help="evaluation examples per budget when the curve is measured on demand (default: 200)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0 serves the network)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--write-space", metavar="DIR", help="do not serve: write a Hugging Face Space that serves "
+                        "the explorer of MODEL (a pushed model's Hub id) into DIR (new or empty)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in [1, 65535], got {args.port}")
+    if args.curve_samples < 1:
+        parser.error(f"--curve-samples must be a positive integer, got {args.curve_samples}")
+    if args.data is not None and not Path(args.data).exists():
+        parser.error(f"--data {args.data} does not exist")
+    require_extra(parser.prog, "explore")
+    if args.write_space:
+        from .hub import write_space
+
+        try:
+            folder = write_space(args.model, args.write_space)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"wrote a Space for {args.model} into {folder}; push it with: "
+              f"hf upload --repo-type space OWNER/NAME {folder}")
+        return
+    from .explorer import ExplorerError, build_app, load_explored
+
+    try:
+        explored = load_explored(args.model, args.data)
+    except ExplorerError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    build_app(explored, args.model, args.curve_samples).launch(server_name=args.host, server_port=args.port,
+                                                               share=args.share)

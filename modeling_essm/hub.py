@@ -10,7 +10,9 @@ Everything is checked (repo ids, folder, budgets, sweep) before anything is writ
 """
 
 import argparse
+import importlib.metadata
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoTokenizer
 
 from .cli import require_extra
+from .folders import check_new_folder, written_atomically
 from .modeling_essm import (
     ESSSMForCausalLM,
     ESSSMForSequenceClassification,
@@ -34,6 +37,7 @@ PIPELINE_TAGS = {ESSSMForCausalLM: "text-generation", ESSSMForSequenceClassifica
                  ESSSMModel: "feature-extraction"}
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 SWEEP_PLOT = "budget_sweep.png"
+SWEEP_FILE = "budget_sweep.json"  # read by the explorer, which marks the chosen budget on the curve
 
 
 # --- checks: all of them run before anything is written ------------------------------------------------
@@ -210,11 +214,18 @@ def model_card(model, repo_id, has_tokenizer, sweep=None, compacts=None) -> Mode
         f"```python\n{usage_code(model, repo_id, has_tokenizer)}\n```",
         "Every forward (and `generate`) takes `spectral_budget`; a value outside the range raises a `ValueError`. "
         "`model.slice_to_budget(k)` returns a smaller model that equals this one at budget k.",
+        explorer_line(repo_id),
         sweep_section(sweep) if sweep else None,
         compact_section(compacts) if compacts else None,
     ]
     metadata = card_metadata(model, repo_id=repo_id, sweep=sweep).to_yaml()
     return ModelCard(f"---\n{metadata}\n---\n\n" + "\n\n".join(filter(None, sections)) + "\n")
+
+
+def explorer_line(repo_id: str) -> str:
+    return (f"Try every budget in your browser: `pip install 'modeling_essm[explore]'`, then `essm-explore {repo_id}` "
+            "(generation or predictions at any budget, with the measured cost and the budget-quality curve); "
+            f"`essm-explore {repo_id} --write-space DIR` writes a Hugging Face Space that serves the same page.")
 
 
 def compact_model_card(compact, repo_id, parent_repo_id, parent_parameters, has_tokenizer) -> ModelCard:
@@ -229,6 +240,7 @@ def compact_model_card(compact, repo_id, parent_repo_id, parent_parameters, has_
         model_table(compact),
         "## Usage",
         f"```python\n{usage_code(compact, repo_id, has_tokenizer)}\n```",
+        explorer_line(repo_id),
     ]
     metadata = card_metadata(compact, base_model=parent_repo_id).to_yaml()
     return ModelCard(f"---\n{metadata}\n---\n\n" + "\n\n".join(sections) + "\n")
@@ -246,6 +258,7 @@ def stage_repository(folder: Path, model, tokenizer, card: ModelCard, sweep=None
     if sweep:
         from .evaluation import plot_sweep
 
+        (folder / SWEEP_FILE).write_text(json.dumps(sweep, indent=2) + "\n")
         plot_sweep(sweep["results"], folder / SWEEP_PLOT,
                    title=f"{sweep.get('settings', {}).get('task', 'quality')}: one model, every budget")
     return folder
@@ -284,6 +297,61 @@ def push_essm_to_hub(model_folder, repo_id, budgets=(), sweep=None, private=None
             folders[compact_id] = stage_repository(staging / f"k{k}", compact, tokenizer, card)
         return {target: commit_folder(folder, target, commit_message, private, token).commit_url
                 for target, folder in folders.items()}
+
+
+# --- a Space for the explorer ---------------------------------------------------------------------------
+
+
+SPACE_APP = '''"""The ES-SSM budget explorer of {repo_id}, as a Hugging Face Space serves it.
+
+Set the Space variable ESSM_MODEL to show another pushed ES-SSM.
+"""
+
+import os
+
+from explorer import build_app, load_explored
+
+MODEL = os.environ.get("ESSM_MODEL", {repo_id!r})
+build_app(load_explored(MODEL), MODEL).launch()
+'''
+
+
+def space_requirements() -> str:
+    """What the Space installs beside Gradio: this package's core requirements (the model's code comes with the
+    model) and matplotlib for the curves."""
+    core = [requirement for requirement in importlib.metadata.requires("modeling_essm") or ()
+            if "extra ==" not in requirement]
+    return "\n".join([*core, "matplotlib>=3.8"]) + "\n"
+
+
+def space_card(repo_id: str, gradio_version: str) -> str:
+    metadata = {"title": f"{repo_id.split('/')[1]} explorer", "sdk": "gradio", "sdk_version": gradio_version,
+                "app_file": "app.py", "models": [repo_id], "tags": ["essm", "spectral-budget"]}
+    return (f"---\n{yaml_lines(metadata)}---\n\n# Budget explorer of [{repo_id}](https://huggingface.co/{repo_id})\n\n"
+            "Move the spectral budget and see what the model gives and costs there: its output, the ms per token "
+            "and the parameters in use, and its place on the budget-quality curve.\n")
+
+
+def yaml_lines(metadata: dict) -> str:
+    return "".join(f"{key}: {json.dumps(value)}\n" for key, value in metadata.items())  # JSON values are YAML
+
+
+def write_space(repo_id: str, folder) -> Path:
+    """Write a Hugging Face Space that serves the explorer of the pushed model `repo_id` into `folder` (new or empty):
+    app.py, explorer.py, requirements.txt and README.md, all at once. Push it with
+    `hf upload --repo-type space OWNER/NAME FOLDER`."""
+    check_repo_id(repo_id)
+    destination = check_new_folder(folder, "--write-space")
+    import gradio
+
+    from . import explorer
+
+    with written_atomically(destination) as staging:
+        (staging / "app.py").write_text(SPACE_APP.format(repo_id=repo_id))
+        shutil.copy2(explorer.__file__, staging / "explorer.py")
+        (staging / "requirements.txt").write_text(space_requirements())
+        (staging / "README.md").write_text(space_card(repo_id, gradio.__version__))
+    return destination
 
 
 def parse_budgets(text: str) -> list[int]:
