@@ -475,8 +475,8 @@ def build_app(explored: Explored, model_id: str, curve_samples: int = 200) -> gr
 
         per_layer.change(lambda on: gr.Group(visible=on), per_layer, layer_group)
         for control in controls:
-            control.change(user_errors_shown(budget_view), controls, [summary, curve])
-        measure.click(measure_curve, controls, [summary, curve])
+            control.change(user_errors_shown(budget_view), controls, [summary, curve], api_name="show_budget")
+        measure.click(measure_curve, controls, [summary, curve], api_name="measure_curve")
 
         if explored.causal_lm:
             add_generation(explored, controls, budget_of)
@@ -521,9 +521,9 @@ def add_generation(explored: Explored, controls, budget_of):
         for output in stream_generation(explored, prompt_text, second_run, int(tokens), float(temp)):
             yield *first, *output
 
-    generate.click(generate_one, [prompt, new_tokens, temperature, *controls], [text, stats])
+    generate.click(generate_one, [prompt, new_tokens, temperature, *controls], [text, stats], api_name="generate")
     compare.click(generate_both, [prompt, new_tokens, temperature, second, *controls],
-                  [text, stats, text_second, stats_second])
+                  [text, stats, text_second, stats_second], api_name="compare")
 
 
 def add_classification(explored: Explored, controls, budget_of):
@@ -552,4 +552,4 @@ def add_classification(explored: Explored, controls, budget_of):
                                     f"in {ms:.1f} ms, {explored.model.num_parameters_at_budget(budget):,} parameters "
                                     "in use")
 
-    classify.click(classify_input, [text, upload, *controls], [chosen, full, stats])
+    classify.click(classify_input, [text, upload, *controls], [chosen, full, stats], api_name="classify")

@@ -22,12 +22,17 @@ import pytest
 import torch
 import transformers.utils.hub
 from conftest import tiny_config
+from gradio_client import Client
 from huggingface_hub import CommitInfo, CommitOperationAdd, ModelCard, RepoUrl
 
 import modeling_essm.hub
 from modeling_essm import ESSSMForCausalLM, ESSSMTokenizer
 from modeling_essm.evaluation import write_report
+from modeling_essm.cli import explore_main
 from modeling_essm.hub import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from explorer_browser import free_port, served  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K = 16  # num_spectral_filters of tiny_config
@@ -179,16 +184,18 @@ def budget(k):
 # --- the pushed repositories ---------------------------------------------------------------------------
 
 
-def test_the_repository_holds_everything_a_user_needs(pushed, saved_folder):
+def test_the_repository_holds_everything_a_user_needs(pushed, saved_folder, sweep_file):
     snapshot = pushed.snapshot(REPO)
     files = {path.name for path in snapshot.iterdir()}
     # Exactly what save_pretrained writes (model and tokenizer, with their code), the card and the plot.
-    assert files == {path.name for path in saved_folder.iterdir()} | {"README.md", "budget_sweep.png"}
+    assert files == {path.name for path in saved_folder.iterdir()} | {"README.md", "budget_sweep.png",
+                                                                     "budget_sweep.json"}
     assert {"model.safetensors", "generation_config.json", "configuration_essm.py", "modeling_essm.py",
             "tokenizer_config.json", "tokenization_essm.py"} <= files
     auto_map = json.loads((snapshot / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert (snapshot / "budget_sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((snapshot / "budget_sweep.json").read_text()) == json.loads(sweep_file.read_text())
     assert [call for call in pushed.calls if call[1] == REPO] == [("create_repo", REPO), ("create_commit", REPO)]
 
 
@@ -210,6 +217,7 @@ def test_the_model_card_shows_usage_at_a_budget_the_sweep_and_the_compact_export
     assert {r.dataset_type for r in results.values()} == {"tiny_shakespeare"}
     for k in COMPACT_BUDGETS:
         assert f"[{REPO}-k{k}](https://huggingface.co/{REPO}-k{k})" in card.text
+    assert f"`essm-explore {REPO}`" in card.text  # the explorer, one command away
 
 
 def test_logits_by_repo_id_in_a_clean_process_equal_the_original(model, loaded_by_repo_id):
@@ -311,3 +319,48 @@ def test_compact_exports_refuse_per_layer_budgets_before_anything_is_written(sav
     with pytest.raises(ValueError, match="compact exports take integer budgets"):
         modeling_essm.hub.push_essm_to_hub(saved_folder, REPO, budgets=[4, [2, 8]])
     assert hub.calls == [] and not hub.cache.exists()
+
+
+# --- a Space for the explorer of a pushed model --------------------------------------------------------
+
+
+SPACE_PROCESS = """
+import runpy, sys
+sys.modules["modeling_essm"] = None  # a Space has the pushed model's code, not the package
+sys.path.insert(0, ".")
+runpy.run_path("app.py", run_name="__main__")
+"""
+
+
+def test_a_space_is_refused_for_a_bad_repo_id_or_a_used_folder_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "mine.txt").write_text("keep me")
+    for argv, message in (([REPO, "--write-space", str(tmp_path / "used")], "exists and is not an empty folder"),
+                          (["tiny", "--write-space", str(tmp_path / "new")], "as 'owner/name'")):
+        with pytest.raises(SystemExit) as exit_info:
+            explore_main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert [path.name for path in (tmp_path / "used").iterdir()] == ["mine.txt"] and not (tmp_path / "new").exists()
+
+
+def test_the_space_serves_the_pushed_model_without_the_package(model, pushed, tmp_path):
+    explore_main([REPO, "--write-space", str(tmp_path / "space")])
+    space = tmp_path / "space"
+    assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "explorer.py", "requirements.txt"]
+    metadata = ModelCard.load(space / "README.md").data
+    assert (metadata.sdk, metadata.app_file, metadata.models) == ("gradio", "app.py", [REPO])
+    assert "torch>=2.4" in (space / "requirements.txt").read_text().splitlines()
+    port = free_port()
+    env = {**os.environ, "HF_HUB_CACHE": str(pushed.cache), "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port),
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    with served([sys.executable, "-c", SPACE_PROCESS], port, env=env, cwd=space) as url:
+        client = Client(url, verbose=False)
+        # The Space found the sweep pushed with the model, and generates what the model generates at a budget.
+        summary, _ = client.predict(4, False, *[K, K], api_name="/show_budget")
+        assert "bits per byte 2.250 in the sweep" in summary  # 2.0 + 1/4, as the sweep file says
+        text, stats = client.predict("To be", 8, 0, 4, False, *[K, K], api_name="/generate")
+    tokenizer = ESSSMTokenizer()
+    input_ids = tokenizer("To be", return_tensors="pt").input_ids
+    expected = model.generate(input_ids, spectral_budget=4, max_new_tokens=8, do_sample=False)
+    assert text == tokenizer.decode(expected[0, input_ids.shape[1]:], skip_special_tokens=True)
+    assert stats.startswith("k=4") and "8 tokens" in stats
