@@ -38,8 +38,9 @@ except ImportError:  # a Space without the package: the model's own code, pushed
     REMOTE_CODE = True
 
 SWEEP_FILE = "budget_sweep.json"
-COST_REPEATS = 5  # timed runs per budget of the cost curve (the median is shown)
+COST_REPEATS = 3  # timed rounds over the budgets of the cost curve (the median is shown)
 DEFAULT_NEW_TOKENS = 48
+UPDATE_SECONDS = 0.1  # a streamed generation updates the page at most this often
 
 
 class ExplorerError(ValueError):
@@ -226,14 +227,10 @@ class TimedStreamer(BaseStreamer):
 
 @torch.inference_mode()
 def time_forward(model, inputs, budget) -> float:
-    """Median ms of a forward at `budget`."""
-    model(**inputs, spectral_budget=budget)  # warm-up
-    times = []
-    for _ in range(COST_REPEATS):
-        start = time.perf_counter()
-        model(**inputs, spectral_budget=budget)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Seconds of one forward at `budget`."""
+    start = time.perf_counter()
+    model(**inputs, spectral_budget=budget)
+    return time.perf_counter() - start
 
 
 def generated_tokens(model, input_ids: torch.Tensor, budget, max_new_tokens: int, sampling: dict):
@@ -263,24 +260,33 @@ def ms_per_token(times: list[float]) -> float:
     return 1e3 * statistics.median(later - earlier for earlier, later in zip(times, times[1:]))
 
 
-def decoding_ms(model, budget, prompt_length=16, new_tokens=12) -> float:
-    """ms per token of greedy `generate` after a prompt, as the app's generations measure it."""
+def decoding_gaps(model, budget, prompt_length=16, new_tokens=8) -> list[float]:
+    """Seconds between the tokens of one greedy `generate` after a prompt, as the app's generations measure them."""
     prompt = torch.zeros(1, prompt_length, dtype=torch.long, device=model.device)
-    list(generated_tokens(model, prompt, budget, 2, {"do_sample": False}))  # warm-up
-    return ms_per_token([arrival for arrival, _ in generated_tokens(model, prompt, budget, new_tokens,
-                                                                    {"do_sample": False})])
+    times = [arrival for arrival, _ in generated_tokens(model, prompt, budget, new_tokens, {"do_sample": False})]
+    return [later - earlier for earlier, later in zip(times, times[1:])]
 
 
 def cost_curve(explored: Explored) -> list[dict]:
     """ms per generated token (an LM) or per sequence of the longest length (a classifier), and the parameters in
     use, at each budget of the curve, measured on this machine."""
-    model, rows = explored.model, []
-    length = explored.config.max_position_embeddings
-    sequence = {"input_ids": torch.zeros(1, length, dtype=torch.long, device=model.device)}
-    for budget in explored.budgets:
-        ms = decoding_ms(model, budget) if explored.causal_lm else time_forward(model, sequence, budget)
-        rows.append({"budget": budget, "ms": ms, "parameters": model.num_parameters_at_budget(budget)})
-    return rows
+    model, budgets = explored.model, explored.budgets
+    sequence = {"input_ids": torch.zeros(1, explored.config.max_position_embeddings, dtype=torch.long,
+                                         device=model.device)}
+
+    def seconds(budget) -> list[float]:
+        if explored.causal_lm:
+            return decoding_gaps(model, budget)
+        return [time_forward(model, sequence, budget)]
+
+    for budget in budgets:  # warm-up: first calls allocate
+        seconds(budget)
+    measured = {budget: [] for budget in budgets}
+    for _ in range(COST_REPEATS):  # budgets take turns, so a slow spell of the machine hits them all alike
+        for budget in budgets:
+            measured[budget] += seconds(budget)
+    return [{"budget": budget, "ms": 1e3 * statistics.median(measured[budget]),
+             "parameters": model.num_parameters_at_budget(budget)} for budget in budgets]
 
 
 def cost_unit(explored: Explored) -> str:
@@ -383,16 +389,21 @@ def stream_generation(explored: Explored, prompt: str, budget, max_new_tokens: i
         raise ExplorerError(f"new tokens must be in [1, {explored.config.max_position_embeddings - 1}]")
     input_ids = encode(explored, prompt, explored.config.max_position_embeddings - max_new_tokens)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    parameters = explored.model.num_parameters_at_budget(budget)  # once: the loop must not slow the generation
     ids, times = [], [time.perf_counter()]
+    shown = times[0]
     with PeakMemory(explored.model.device) as memory:
         for arrival, new_ids in generated_tokens(explored.model, input_ids, budget, max_new_tokens, sampling):
             times.append(arrival)
             ids += new_ids
-            yield decode(explored, ids), generation_stats(explored, budget, times, None)
-    yield decode(explored, ids), generation_stats(explored, budget, times, memory.peak_mb)
+            if arrival - shown >= UPDATE_SECONDS:
+                # Each update costs the page's server time under the GIL, which would slow the generation it times.
+                shown = arrival
+                yield decode(explored, ids), generation_stats(budget, times, parameters, None)
+    yield decode(explored, ids), generation_stats(budget, times, parameters, memory.peak_mb)
 
 
-def generation_stats(explored: Explored, budget, times: list[float], peak_mb) -> str:
+def generation_stats(budget, times: list[float], parameters: int, peak_mb) -> str:
     """`times`: the start, then each token's arrival; the first gap is the prompt's prefill."""
     tokens = len(times) - 1
     parts = [f"{budget_label(budget)}", f"{tokens} tokens"]
@@ -400,7 +411,7 @@ def generation_stats(explored: Explored, budget, times: list[float], peak_mb) ->
         parts.append(f"first after {1e3 * (times[1] - times[0]):.0f} ms")
     if tokens >= 2:
         parts.append(f"**{ms_per_token(times[1:]):.2f} ms/token**")
-    parts.append(f"{explored.model.num_parameters_at_budget(budget):,} parameters in use")
+    parts.append(f"{parameters:,} parameters in use")
     if peak_mb is not None:
         parts.append(f"peak memory +{peak_mb:.1f} MB")
     return " · ".join(parts)

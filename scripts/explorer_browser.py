@@ -196,6 +196,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Screenshots of the explorer serving each model (docs/explorer.md).")
     parser.add_argument("models", nargs="+", help="saved model folders: causal LMs and classifiers")
     parser.add_argument("--output", default="docs/explorer", help="folder for the PNG files")
+    parser.add_argument("--budget", type=int, default=4, help="the budget to show (default: 4)")
+    parser.add_argument("--second-budget", type=int, default=2, help="an LM's side-by-side budget (default: 2)")
     parser.add_argument("--prompt", default="The king said to the queen")
     parser.add_argument("--classify", default="[MAX 2 9 [MIN 4 7 ] 0 ]", help="the classifier's input")
     args = parser.parse_args(argv)
@@ -203,11 +205,10 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: {reason}\n")
     for model in args.models:
         with explorer_page(model) as page:
-            high = int(page.find("#budget input[type=number]").get_attribute("max"))
             if page.find("#prompt"):
-                show_language_model(page, max(2, high // 2), 2, args.prompt, 48)
+                show_language_model(page, args.budget, args.second_budget, args.prompt, 48)
             else:
-                show_classifier(page, max(2, high // 8), args.classify)
+                show_classifier(page, args.budget, args.classify)
             path = Path(args.output) / f"{Path(model).name}.png"
             page.screenshot(path)
             print(f"wrote {path}")

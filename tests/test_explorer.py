@@ -10,6 +10,7 @@ from test_training import write_config
 from transformers import AutoTokenizer, LlamaConfig
 
 from modeling_essm import ESSSMConfig, ESSSMForCausalLM, ESSSMModel, build_fast_tokenizer
+from modeling_essm import explorer
 from modeling_essm.cli import explore_main
 from modeling_essm.evaluation import write_report
 from modeling_essm.explorer import (ExplorerError, budget_summary, chosen_budget, cost_curve, curve_figure, encode,
@@ -163,7 +164,8 @@ def test_an_uploaded_file_replaces_the_typed_text(tmp_path):
 
 
 @pytest.mark.parametrize("budget", [2, [2, 8], K])
-def test_streamed_generation_is_the_models_greedy_generation_at_the_budget(lm, lm_folder, budget):
+def test_streamed_generation_is_the_models_greedy_generation_at_the_budget(lm, lm_folder, budget, monkeypatch):
+    monkeypatch.setattr(explorer, "UPDATE_SECONDS", 0)  # an update for every token
     tokenizer = AutoTokenizer.from_pretrained(lm_folder)
     updates = list(stream_generation(lm, "To be", budget, 12, 0.0))
     expected = greedy_text(lm.model, tokenizer, "To be", budget, 12)
@@ -173,6 +175,12 @@ def test_streamed_generation_is_the_models_greedy_generation_at_the_budget(lm, l
     stats = updates[-1][1]
     assert "12 tokens" in stats and "ms/token" in stats and "peak memory" in stats
     assert f"{lm.model.num_parameters_at_budget(budget):,} parameters in use" in stats
+
+
+def test_updates_are_spaced_so_that_the_page_does_not_slow_the_generation(lm, monkeypatch):
+    monkeypatch.setattr(explorer, "UPDATE_SECONDS", 3600)
+    updates = list(stream_generation(lm, "To be", 2, 12, 0.0))
+    assert len(updates) == 1 and "12 tokens" in updates[0][1]
 
 
 def test_generation_refuses_a_prompt_that_leaves_no_room_for_the_new_tokens(lm):
