@@ -16,8 +16,8 @@ from modeling_essm import cli
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "modeling_essm"
 # The model, budgets, generation, tokenizer, Hub push, export and the command-line entry points.
-CORE_MODULES = ("__init__", "budget", "cache_essm", "cli", "configuration_essm", "export_essm", "hub", "modeling_essm",
-                "naive", "spectral_filters", "speculative_essm", "tokenization_essm")
+CORE_MODULES = ("__init__", "budget", "cache_essm", "cli", "configuration_essm", "export_essm", "folders", "hub",
+                "modeling_essm", "naive", "spectral_filters", "speculative_essm", "tokenization_essm")
 # Installed by the core dependencies themselves (transformers brings tokenizers, tqdm, packaging, ...).
 BROUGHT_BY_TRANSFORMERS = {"tokenizers"}
 
@@ -46,17 +46,18 @@ def test_the_core_modules_import_only_the_core_dependencies_and_each_other():
         assert relative <= set(CORE_MODULES), f"{name}.py imports {relative - set(CORE_MODULES)} at module level"
 
 
-@pytest.mark.parametrize("command, extra", [(cli.train_main, "train"), (cli.eval_budgets_main, "train"),
-                                            (cli.plan_main, "train"), (cli.compare_main, "bench"),
-                                            (cli.train_sharded_main, "train")])
-def test_a_command_without_its_extra_says_what_to_install_in_one_line(command, extra, monkeypatch, capsys):
+@pytest.mark.parametrize("command, extra, missing", [
+    (cli.train_main, "train", "yaml"), (cli.eval_budgets_main, "train", "yaml"), (cli.plan_main, "train", "yaml"),
+    (cli.compare_main, "bench", "yaml"), (cli.train_sharded_main, "train", "yaml"), (cli.explore_main, "explore", "gradio"),
+])
+def test_a_command_without_its_extra_says_what_to_install_in_one_line(command, extra, missing, monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "yaml" else real(name, *args))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == missing else real(name, *args))
     with pytest.raises(SystemExit) as exit:
         command(["whatever.yaml"])
     assert exit.value.code == 2
-    assert capsys.readouterr().err.endswith(
-        f"error: this command needs yaml, which the core package does not install: pip install 'modeling_essm[{extra}]'\n")
+    assert capsys.readouterr().err.endswith(f"error: this command needs {missing}, which the core package does not "
+                                            f"install: pip install 'modeling_essm[{extra}]'\n")
 
 
 CORE_ONLY = textwrap.dedent(
