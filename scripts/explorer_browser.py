@@ -121,13 +121,21 @@ class ExplorerPage:
 
     # --- acting ---
 
-    def set_number(self, elem_id: str, value):
-        """Types `value` into a slider's number box, as a user does; the slider follows when the box loses focus."""
+    def set_number(self, elem_id: str, value, attempts=3):
+        """Types `value` into a slider's number box, as a user does; the slider follows when the box loses focus.
+        Typing again when the slider did not follow: a page still starting up can miss the first keys."""
         from selenium.webdriver.common.keys import Keys
 
-        box = self.find(f"#{elem_id} input[type=number]")
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(str(value), Keys.TAB)
+        for _ in range(attempts):
+            box = self.find(f"#{elem_id} input[type=number]")
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(str(value), Keys.TAB)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if float(self.find(f"#{elem_id} input[type=range]").get_property("value")) == float(value):
+                    return
+                time.sleep(0.1)
+        raise TimeoutError(f"the slider {elem_id} did not take the value {value}")
 
     def type_text(self, elem_id: str, text: str):
         from selenium.webdriver.common.keys import Keys

@@ -75,12 +75,13 @@ def set_budget(page, budget):
     page.wait_until(lambda: page.text("budget-summary").startswith(f"k={budget}:"), f"the summary of k={budget}")
 
 
-def generate(page, new_tokens=12):
+def generate(page, label, new_tokens=12):
+    """Generates at the page's budget, whose `label` ("k=4", "k=2/16") tells the finished generation from the last."""
     page.set_number("new-tokens", new_tokens)
     page.type_text("prompt", PROMPT)
     page.click("generate")
-    page.wait_until(lambda: "peak memory" in page.text("generation-stats") and
-                    f"{new_tokens} tokens" in page.text("generation-stats"), "the generation to finish")
+    page.wait_until(lambda: page.text("generation-stats").startswith(f"{label} · {new_tokens} tokens") and
+                    "peak memory" in page.text("generation-stats"), "the generation to finish")
     return page.value("generated"), page.text("generation-stats")
 
 
@@ -101,7 +102,7 @@ def test_moving_the_budget_updates_the_parameters_and_the_curve_marker(lm_page, 
 def test_generation_is_the_models_text_at_the_budget_with_its_measured_cost(lm_page, lm_folder):
     model = AutoModelForCausalLM.from_pretrained(lm_folder)
     set_budget(lm_page, 4)
-    text, stats = generate(lm_page)
+    text, stats = generate(lm_page, "k=4")
     assert text == greedy_text(lm_folder, 4, 12) and text
     assert stats.startswith("k=4") and "ms/token" in stats and "first after" in stats
     assert f"{model.num_parameters_at_budget(4):,} parameters in use" in stats
@@ -130,7 +131,7 @@ def test_per_layer_budgets_are_set_one_slider_a_layer(lm_page, lm_folder):
     lm_page.wait_until(lambda: shown(lm_page, "#layer-0") and shown(lm_page, "#layer-1"), "the per-layer sliders")
     lm_page.set_number("layer-0", 2)
     lm_page.wait_until(lambda: lm_page.text("budget-summary").startswith(f"k=2/{K}:"), "the per-layer summary")
-    text, stats = generate(lm_page, new_tokens=8)
+    text, stats = generate(lm_page, f"k=2/{K}", new_tokens=8)
     assert text == greedy_text(lm_folder, [2, K], 8) and stats.startswith(f"k=2/{K}")
     lm_page.click("per-layer")
     lm_page.wait_until(lambda: not shown(lm_page, "#layer-0"), "the per-layer sliders to hide")
@@ -145,7 +146,7 @@ def test_bad_inputs_show_their_message_and_the_server_goes_on(lm_page, lm_folder
     lm_page.click("generate")
     assert "the input is 120 tokens long; this model reads at most 116 here" in lm_page.error_message()
     set_budget(lm_page, 2)
-    assert generate(lm_page)[0] == greedy_text(lm_folder, 2, 12)
+    assert generate(lm_page, "k=2")[0] == greedy_text(lm_folder, 2, 12)
 
 
 # --- the main job's classifier -----------------------------------------------------------------------------------
@@ -161,16 +162,17 @@ def predicted_label(folder, budget):
     return model.config.id2label[int(logits.argmax())]
 
 
-def classify(page):
+def classify(page, budget):
+    """Classifies at the page's budget, which tells the new prediction from the last."""
     page.click("classify")
-    page.wait_until(lambda: "predicts" in page.text("classification-stats"), "the prediction")
+    page.wait_until(lambda: page.text("classification-stats").startswith(f"k={budget}: predicts"), "the prediction")
     return page.text("classification-stats")
 
 
 def test_the_classifier_shows_its_prediction_at_the_budget_and_at_the_full_budget(classifier_page, main_job_output):
     set_budget(classifier_page, 2)
     classifier_page.type_text("input-text", EXPRESSION)
-    stats = classify(classifier_page)
+    stats = classify(classifier_page, 2)
     label = predicted_label(main_job_output, 2)
     assert stats.startswith(f"k=2: predicts {label} from 9 tokens")
     assert classifier_page.top_label("prediction") == label
@@ -183,7 +185,7 @@ def test_a_text_file_is_classified_like_the_typed_text(classifier_page, main_job
     classifier_page.type_text("input-text", "")
     classifier_page.upload("input-file", tmp_path / "expression.txt")
     classifier_page.wait_until(lambda: classifier_page.find("#input-file [aria-label='expression.txt']"), "the upload")
-    assert classify(classifier_page).startswith(f"k=4: predicts {predicted_label(main_job_output, 4)} from 9 tokens")
+    assert classify(classifier_page, 4).startswith(f"k=4: predicts {predicted_label(main_job_output, 4)} from 9 tokens")
 
 
 def test_a_word_the_tokenizer_does_not_know_shows_its_message(classifier_page):
