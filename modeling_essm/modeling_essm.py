@@ -54,6 +54,11 @@ def resolve_draft_budget(draft_budget, spectral_budget, config: ESSSMConfig) -> 
     return int(draft_budget)
 
 
+# glibc serves blocks of 32 MB and more with fresh pages from mmap at every allocation (its largest dynamic mmap
+# threshold); recomputed chunks keep their temporaries below it, with room for the allocator's own headers.
+REUSED_BYTES = 30 * 2**20
+
+
 def fft_length(seq_len: int) -> int:
     """An even FFT size >= 2 * seq_len (no circular wrap-around) whose factors are only 2, 3 and 5 (fast)."""
     n = seq_len
@@ -193,15 +198,19 @@ class ESSSMSpectralMixer(nn.Module):
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
         # At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. Under autograd
-        # one chunk (one GEMM) is fastest, but keeps every channel's (B, D, 2T) convolution for backward; with
-        # `spectral_recompute`, chunks of chunk_size are recomputed in backward instead (as FlashAttention
-        # recomputes attention): memory stops growing with the budget, steps take longer (docs/performance.md).
+        # one chunk (one GEMM) keeps every channel's (B, D, 2T) convolution for backward; with
+        # `spectral_recompute`, chunks are recomputed in backward instead (as FlashAttention recomputes
+        # attention), so memory stops growing with the budget, and each chunk's temporaries stay under glibc's
+        # largest mmap threshold, so that freed ones are reused instead of coming back as fresh pages the kernel
+        # zeroes (faster steps in a plain process, docs/performance.md).
         # torch.compile would build a graph per number of recomputed chunks, so compiled training keeps one chunk.
         recompute = self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if torch.is_grad_enabled():
-            chunk = self.chunk_size if recompute else spectral_budget
+        if recompute:
+            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, min(self.chunk_bytes, REUSED_BYTES))
+        elif torch.is_grad_enabled():
+            chunk = spectral_budget
         else:
-            chunk = self.inference_chunk(u.shape[0], u.shape[2], n_fft)
+            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, self.chunk_bytes)
         # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
         spectral = u.new_zeros(u.shape[0], u.shape[2], seq_len, dtype=torch.float32)  # (B, D, T)
         # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of
@@ -237,10 +246,10 @@ class ESSSMSpectralMixer(nn.Module):
         window = F.pad(window.transpose(1, 2), (missing, 0))  # (B, D, n + local_conv_size - 1)
         return self.local_conv(window).transpose(1, 2)  # (B, n, D)
 
-    def inference_chunk(self, batch: int, hidden: int, n_fft: int) -> int:
-        """Channels per chunk without autograd: at most `chunk_size`, and within `chunk_bytes` of convolution output."""
+    def channels_per_chunk(self, batch: int, hidden: int, n_fft: int, max_bytes: float) -> int:
+        """At most `chunk_size` channels, and within `max_bytes` of convolution output."""
         bytes_per_channel = batch * hidden * n_fft * 4  # the (B, 1, D, n_fft) float32 inverse FFT
-        return max(1, min(self.chunk_size, int(self.chunk_bytes // bytes_per_channel)))
+        return max(1, min(self.chunk_size, int(max_bytes // bytes_per_channel)))
 
     @staticmethod
     def project_channels(u_spectrum, filter_spectrum, weights, projections, seq_len: int) -> torch.Tensor:

@@ -501,13 +501,14 @@ def test_inference_chunks_keep_the_convolution_output_within_spectral_chunk_mb()
     mixer = ESSSMSpectralMixer(tiny_config(hidden_size=256, spectral_chunk_size=8))  # 64 MB by default
     # (batch, n_fft) -> channels: 8 MB per channel at L=4096, 32 MB at L=16384, 64 MB at L=32768.
     chunks = {(1, 2048): 8, (1, 8192): 8, (1, 32768): 2, (1, 65536): 1, (4, 8192): 2}
-    assert {shape: mixer.inference_chunk(shape[0], 256, shape[1]) for shape in chunks} == chunks
+    assert {shape: mixer.channels_per_chunk(shape[0], 256, shape[1], mixer.chunk_bytes) for shape in chunks} == chunks
 
 
 def test_memory_bounded_chunks_give_the_same_outputs(causal_lm):
     one_channel_chunks = ESSSMForCausalLM(tiny_config(spectral_chunk_mb=1e-6)).eval()
     one_channel_chunks.load_state_dict(causal_lm.state_dict())
-    assert one_channel_chunks.model.layers[0].mixer.inference_chunk(2, 32, 256) == 1
+    mixer = one_channel_chunks.model.layers[0].mixer
+    assert mixer.channels_per_chunk(2, 32, 256, mixer.chunk_bytes) == 1
     x = tokens(seq_len=100)
     with torch.no_grad():
         for k in (2, 7, K):
@@ -621,6 +622,25 @@ def test_training_gradients_through_recomputed_chunks_match_the_reference(k):
     for name, grad in fast.items():
         scale = reference[name].abs().max().item()  # the stored M_j get c = 100 times the gradient: float32 is relative
         torch.testing.assert_close(grad.double(), reference[name].double(), atol=1e-6 * scale, rtol=1e-4, msg=name)
+
+
+def test_recomputed_chunks_keep_their_temporaries_under_the_reused_size(monkeypatch):
+    """Training chunks hold at most REUSED_BYTES of convolution output (then glibc reuses freed blocks); kept
+    convolutions run as one chunk and inference chunks follow spectral_chunk_mb alone."""
+    model = ESSSMForCausalLM(tiny_config(num_hidden_layers=1, spectral_chunk_size=8, spectral_recompute=True))
+    mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
+    u = torch.randn(2, 100, 32)
+    n_fft = 2 * (basis.filter_spectrum(100, K).shape[-1] - 1)
+    monkeypatch.setattr("modeling_essm.modeling_essm.REUSED_BYTES", 3 * 2 * 32 * n_fft * 4)  # three channels
+    sizes = []
+    project = mixer.project_channels
+    monkeypatch.setattr(mixer, "project_channels", lambda *inputs: sizes.append(inputs[1].shape[0]) or project(*inputs))
+    for recompute, grad, expected in ((True, True, [3, 3, 3, 3, 3, 1]), (False, True, [K]), (True, False, [8, 8])):
+        sizes.clear()
+        mixer.recompute = recompute
+        with torch.set_grad_enabled(grad):
+            mixer(u, basis.filter_spectrum(100, K), K)
+        assert sizes == expected, (recompute, grad)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
