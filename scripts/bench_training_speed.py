@@ -2,7 +2,7 @@
 
 The reference ES-SSM LM (D=256, 8 layers, K=32, trained at its full budget) with the convolutions kept for
 backward or recomputed (`spectral_recompute`), against the parameter-matched Llama (SDPA) of
-scripts/bench_forward.py, and the kept path once more with glibc keeping freed memory for reuse
+scripts/bench_forward.py, and both paths once more with glibc keeping freed memory for reuse
 (`reuse_freed_memory()`, the process-wide switch our commands turn on):
 
     python scripts/bench_training_speed.py --lengths 1024 2048 4096 --output docs/training_speed.json
@@ -23,6 +23,7 @@ SYSTEMS = {  # name: (model, spectral_recompute, reuse freed memory)
     "ES-SSM, kept": ("ES-SSM", False, False),
     "ES-SSM, recomputed": ("ES-SSM", True, False),
     "ES-SSM, kept, reuse_freed_memory": ("ES-SSM", False, True),
+    "ES-SSM, recomputed, reuse_freed_memory": ("ES-SSM", True, True),
     "Llama (SDPA)": ("Llama (SDPA)", False, False),
 }
 
