@@ -1,0 +1,73 @@
+"""The longest sequence one training step fits in, for the reference ES-SSM LM (D=256, 8 layers, K=32, batch 1)
+with its convolutions kept or recomputed (`spectral_recompute`, the default).
+
+    python scripts/bench_longest_sequence.py --memory-gb 16 --output docs/longest_sequence.json
+
+Lengths double from --start; each runs one forward + backward + AdamW step at the full budget in a fresh process
+whose address space is capped at --memory-gb (so that running out is an allocation error, not the kernel's OOM
+killer), and the doubling stops at the first length that does not fit. Reported per length: fits or not, the
+process's peak resident memory, and the step's seconds (one thread).
+"""
+
+import argparse
+import json
+import multiprocessing
+import re
+import resource
+import time
+from pathlib import Path
+
+
+def one_step(recompute: bool, seq_len: int, memory_bytes: int) -> dict:
+    """Runs in a fresh process: one training step at `seq_len`, or the error that stopped it."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    import torch
+
+    from modeling_essm import ESSSMConfig, ESSSMForCausalLM
+
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        config = ESSSMConfig(hidden_size=256, num_hidden_layers=8, num_spectral_filters=32,
+                             max_position_embeddings=seq_len, spectral_recompute=recompute)
+        model = ESSSMForCausalLM(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, 256, (1, seq_len))
+        start = time.perf_counter()
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+        seconds, fits, error = time.perf_counter() - start, True, None
+    except (RuntimeError, MemoryError) as failure:  # torch reports a failed allocation as a RuntimeError
+        seconds, fits, error = None, False, str(failure).splitlines()[0][:200]
+    peak_kb = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    return {"seq_len": seq_len, "fits": fits, "peak_rss_gb": peak_kb / 2**20, "seconds": seconds, "error": error}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--start", type=int, default=4096)
+    parser.add_argument("--max-length", type=int, default=262144)
+    parser.add_argument("--memory-gb", type=float, default=16.0, help="address-space cap of each step's process")
+    parser.add_argument("--paths", nargs="+", choices=["kept", "recomputed"], default=["kept", "recomputed"])
+    parser.add_argument("--output", help="write the rows as JSON here")
+    args = parser.parse_args()
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for path in args.paths:
+        seq_len = args.start
+        while seq_len <= args.max_length:
+            with context.Pool(1) as pool:
+                row = {"path": path, **pool.apply(one_step, (path == "recomputed", seq_len,
+                                                             int(args.memory_gb * 2**30)))}
+            rows.append(row)
+            outcome = f"{row['seconds']:.0f} s" if row["fits"] else f"does not fit: {row['error']}"
+            print(f"{path:10} L={seq_len:>6}: peak RSS {row['peak_rss_gb']:5.1f} GB, {outcome}", flush=True)
+            if not row["fits"]:
+                break
+            seq_len *= 2
+    if args.output:
+        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
