@@ -3,10 +3,11 @@ with its convolutions kept or recomputed (`spectral_recompute`, the default).
 
     python scripts/bench_longest_sequence.py --memory-gb 16 --output docs/longest_sequence.json
 
-Lengths double from --start; each runs one forward + backward + AdamW step at the full budget in a fresh process
-whose address space is capped at --memory-gb (so that running out is an allocation error, not the kernel's OOM
-killer), and the doubling stops at the first length that does not fit. Reported per length: fits or not, the
-process's peak resident memory, and the step's seconds (one thread).
+Lengths double from --start, then --refine bisection steps (to multiples of 1024) narrow the gap between the
+longest that fits and the first that does not. Each length runs one forward + backward + AdamW step at the full
+budget in a fresh process whose address space is capped at --memory-gb (so that running out is an allocation error,
+not the kernel's OOM killer). Reported per length: fits or not, the process's peak resident memory, and the step's
+seconds (one thread).
 """
 
 import argparse
@@ -48,25 +49,35 @@ def main():
     parser.add_argument("--start", type=int, default=4096)
     parser.add_argument("--max-length", type=int, default=262144)
     parser.add_argument("--memory-gb", type=float, default=16.0, help="address-space cap of each step's process")
+    parser.add_argument("--refine", type=int, default=2, help="bisection steps after the doubling (default: 2)")
     parser.add_argument("--paths", nargs="+", choices=["kept", "recomputed"], default=["kept", "recomputed"])
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")
-    rows = []
+    rows, longest = [], {}
+
+    def fits(path: str, seq_len: int) -> bool:
+        with context.Pool(1) as pool:
+            row = {"path": path, **pool.apply(one_step, (path == "recomputed", seq_len, int(args.memory_gb * 2**30)))}
+        rows.append(row)
+        outcome = f"{row['seconds']:.0f} s" if row["fits"] else f"does not fit: {row['error']}"
+        print(f"{path:10} L={seq_len:>6}: peak RSS {row['peak_rss_gb']:5.1f} GB, {outcome}", flush=True)
+        return row["fits"]
+
     for path in args.paths:
-        seq_len = args.start
-        while seq_len <= args.max_length:
-            with context.Pool(1) as pool:
-                row = {"path": path, **pool.apply(one_step, (path == "recomputed", seq_len,
-                                                             int(args.memory_gb * 2**30)))}
-            rows.append(row)
-            outcome = f"{row['seconds']:.0f} s" if row["fits"] else f"does not fit: {row['error']}"
-            print(f"{path:10} L={seq_len:>6}: peak RSS {row['peak_rss_gb']:5.1f} GB, {outcome}", flush=True)
-            if not row["fits"]:
+        low, high = 0, args.start
+        while high <= args.max_length and fits(path, high):
+            low, high = high, 2 * high
+        for _ in range(args.refine if low and high <= args.max_length else 0):
+            middle = (low + high) // 2 // 1024 * 1024
+            if middle in (low, high):
                 break
-            seq_len *= 2
+            low, high = (middle, high) if fits(path, middle) else (low, middle)
+        longest[path] = low
+        print(f"{path}: the longest that fits is {low} tokens", flush=True)
     if args.output:
-        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
+        result = {"settings": vars(args), "longest": longest, "rows": rows}
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
