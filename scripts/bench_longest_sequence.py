@@ -16,6 +16,8 @@ import multiprocessing
 import re
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 
@@ -57,8 +59,13 @@ def main():
     rows, longest = [], {}
 
     def fits(path: str, seq_len: int) -> bool:
-        with context.Pool(1) as pool:
-            row = {"path": path, **pool.apply(one_step, (path == "recomputed", seq_len, int(args.memory_gb * 2**30)))}
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            try:
+                step = pool.submit(one_step, path == "recomputed", seq_len, int(args.memory_gb * 2**30)).result()
+            except BrokenProcessPool:  # killed, e.g. by the kernel's OOM killer when the machine ran short first
+                step = {"seq_len": seq_len, "fits": False, "peak_rss_gb": float("nan"), "seconds": None,
+                        "error": "the process was killed"}
+        row = {"path": path, **step}
         rows.append(row)
         outcome = f"{row['seconds']:.0f} s" if row["fits"] else f"does not fit: {row['error']}"
         print(f"{path:10} L={seq_len:>6}: peak RSS {row['peak_rss_gb']:5.1f} GB, {outcome}", flush=True)
