@@ -13,6 +13,7 @@ seconds (one thread).
 import argparse
 import json
 import multiprocessing
+import os
 import re
 import resource
 import time
@@ -53,8 +54,13 @@ def main():
     parser.add_argument("--memory-gb", type=float, default=16.0, help="address-space cap of each step's process")
     parser.add_argument("--refine", type=int, default=2, help="bisection steps after the doubling (default: 2)")
     parser.add_argument("--paths", nargs="+", choices=["kept", "recomputed"], default=["kept", "recomputed"])
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="run the steps with glibc's mmap threshold fixed at its default 128 kB "
+                        "(MALLOC_MMAP_THRESHOLD_=131072): large blocks always come from mmap and go back on free")
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args()
+    if args.return_freed_memory:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # read by glibc when each spawned step process starts
     context = multiprocessing.get_context("spawn")
     rows, longest = [], {}
 
