@@ -138,7 +138,7 @@ def chosen_budget(explored: Explored, uniform, per_layer: bool, layers) -> int |
     """The budget the controls set: one integer, or one per layer; checked against the model."""
     budget = [int(k) for k in layers] if per_layer else int(uniform)
     try:
-        explored.model.num_parameters_at_budget(budget)  # checks the budget like every forward does
+        explored.model.sliced_config(budget)  # checks the budget like every forward does
     except ValueError as error:
         raise ExplorerError(str(error)) from None
     return budget
@@ -255,16 +255,15 @@ def generated_tokens(model, input_ids: torch.Tensor, budget, max_new_tokens: int
         raise failure[0]
 
 
-def ms_per_token(times: list[float]) -> float:
-    """Median gap between tokens, in ms; `times` are arrivals (the prompt's prefill comes before the first)."""
-    return 1e3 * statistics.median(later - earlier for earlier, later in zip(times, times[1:]))
+def gaps(times: list[float]) -> list[float]:
+    """Seconds between consecutive token arrivals (the prompt's prefill comes before the first)."""
+    return [later - earlier for earlier, later in zip(times, times[1:])]
 
 
 def decoding_gaps(model, budget, prompt_length=16, new_tokens=8) -> list[float]:
     """Seconds between the tokens of one greedy `generate` after a prompt, as the app's generations measure them."""
     prompt = torch.zeros(1, prompt_length, dtype=torch.long, device=model.device)
-    times = [arrival for arrival, _ in generated_tokens(model, prompt, budget, new_tokens, {"do_sample": False})]
-    return [later - earlier for earlier, later in zip(times, times[1:])]
+    return gaps([arrival for arrival, _ in generated_tokens(model, prompt, budget, new_tokens, {"do_sample": False})])
 
 
 def cost_curve(explored: Explored) -> list[dict]:
@@ -311,6 +310,7 @@ def measure_sweep(explored: Explored, model_id: str, samples: int) -> list[dict]
 
 
 def metric_of(rows) -> str:
+    # evaluation.metric_name's rule, restated: this file imports nothing of the package, so that a Space runs it.
     return "accuracy" if "accuracy" in rows[0] else "bits_per_byte"
 
 
@@ -324,11 +324,11 @@ def curve_figure(explored: Explored, budget) -> Figure:
         budgets = [row["budget"] for row in explored.sweep]
         values = [row[metric] for row in explored.sweep]
         quality.plot(budgets, values, marker="o", color="tab:blue")
-        quality.set(ylabel=metric.replace("_", " "), title="quality (saved sweep)")
+        quality.set_ylabel(metric.replace("_", " "))
     else:
         quality.text(0.5, 0.5, "no sweep saved with this model:\nmeasure it below", ha="center", va="center",
                      transform=quality.transAxes)
-        quality.set(title="quality")
+    quality.set_title("quality")  # saved with the model or measured here
     budgets = [row["budget"] for row in explored.costs]
     cost.plot(budgets, [row["ms"] for row in explored.costs], marker="s", color="tab:orange")
     cost.set(ylabel=cost_unit(explored), title="cost on this machine")
@@ -410,7 +410,7 @@ def generation_stats(budget, times: list[float], parameters: int, peak_mb) -> st
     if tokens >= 1:
         parts.append(f"first after {1e3 * (times[1] - times[0]):.0f} ms")
     if tokens >= 2:
-        parts.append(f"**{ms_per_token(times[1:]):.2f} ms/token**")
+        parts.append(f"**{1e3 * statistics.median(gaps(times[1:])):.2f} ms/token**")
     parts.append(f"{parameters:,} parameters in use")
     if peak_mb is not None:
         parts.append(f"peak memory +{peak_mb:.1f} MB")
@@ -451,7 +451,7 @@ def build_app(explored: Explored, model_id: str, curve_samples: int = 200) -> gr
     """The explorer's page for one loaded model."""
     config = explored.config
     low, high = config.min_spectral_budget, config.num_spectral_filters
-    layer_highs = list(getattr(config, "layer_spectral_filters", None) or [high] * config.num_hidden_layers)
+    layer_highs = config.layer_spectral_filters
     if not explored.costs:
         explored.costs = cost_curve(explored)
 

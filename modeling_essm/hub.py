@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoTokenizer
 
@@ -324,16 +324,13 @@ def space_requirements() -> str:
     return "\n".join([*core, "matplotlib>=3.8"]) + "\n"
 
 
-def space_card(repo_id: str, gradio_version: str) -> str:
-    metadata = {"title": f"{repo_id.split('/')[1]} explorer", "sdk": "gradio", "sdk_version": gradio_version,
-                "app_file": "app.py", "models": [repo_id], "tags": ["essm", "spectral-budget"]}
-    return (f"---\n{yaml_lines(metadata)}---\n\n# Budget explorer of [{repo_id}](https://huggingface.co/{repo_id})\n\n"
+def space_card(repo_id: str) -> str:
+    metadata = SpaceCardData(title=f"{repo_id.split('/')[1]} explorer", sdk="gradio",
+                             sdk_version=importlib.metadata.version("gradio"), app_file="app.py", models=[repo_id],
+                             tags=["essm", "spectral-budget"])
+    return (f"---\n{metadata.to_yaml()}\n---\n\n# Budget explorer of [{repo_id}](https://huggingface.co/{repo_id})\n\n"
             "Move the spectral budget and see what the model gives and costs there: its output, the ms per token "
             "and the parameters in use, and its place on the budget-quality curve.\n")
-
-
-def yaml_lines(metadata: dict) -> str:
-    return "".join(f"{key}: {json.dumps(value)}\n" for key, value in metadata.items())  # JSON values are YAML
 
 
 def write_space(repo_id: str, folder) -> Path:
@@ -342,15 +339,11 @@ def write_space(repo_id: str, folder) -> Path:
     `hf upload --repo-type space OWNER/NAME FOLDER`."""
     check_repo_id(repo_id)
     destination = check_new_folder(folder, "--write-space")
-    import gradio
-
-    from . import explorer
-
     with written_atomically(destination) as staging:
         (staging / "app.py").write_text(SPACE_APP.format(repo_id=repo_id))
-        shutil.copy2(explorer.__file__, staging / "explorer.py")
+        shutil.copy2(Path(__file__).with_name("explorer.py"), staging / "explorer.py")
         (staging / "requirements.txt").write_text(space_requirements())
-        (staging / "README.md").write_text(space_card(repo_id, gradio.__version__))
+        (staging / "README.md").write_text(space_card(repo_id))
     return destination
 
 

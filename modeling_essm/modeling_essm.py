@@ -205,12 +205,12 @@ class ESSSMSpectralMixer(nn.Module):
         # zeroes (faster steps in a plain process, docs/performance.md).
         # torch.compile would build a graph per number of recomputed chunks, so compiled training keeps one chunk.
         recompute = self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if recompute:
-            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, min(self.chunk_bytes, REUSED_BYTES))
-        elif torch.is_grad_enabled():
-            chunk = spectral_budget
-        else:
+        if not torch.is_grad_enabled():
             chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, self.chunk_bytes)
+        elif recompute:
+            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, min(self.chunk_bytes, REUSED_BYTES))
+        else:
+            chunk = spectral_budget
         # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
         spectral = u.new_zeros(u.shape[0], u.shape[2], seq_len, dtype=torch.float32)  # (B, D, T)
         # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of

@@ -22,6 +22,21 @@ def tiny_config(**overrides):
     return modeling_essm.ESSSMConfig(**settings)
 
 
+def save_explorable_lm(folder):
+    """A tiny LM saved in `folder` with its byte tokenizer and a budget sweep beside it (made-up quality: 3 - k/10
+    bits per byte at k = 2, 4, 8, 16), as the explorer finds a trained one; returns the model."""
+    from modeling_essm.evaluation import write_report
+
+    torch.manual_seed(0)
+    model = modeling_essm.ESSSMForCausalLM(tiny_config())
+    model.save_pretrained(folder)
+    modeling_essm.build_fast_tokenizer().save_pretrained(folder)
+    rows = [{"budget": k, "bits_per_byte": 3.0 - k / 10, "loss": 2.0, "parameters": model.num_parameters_at_budget(k),
+             "tokens_per_second": 100.0} for k in (2, 4, 8, 16)]
+    write_report(rows, folder, {"model_dir": str(folder), "task": "made up", "eval_samples": 1})
+    return model
+
+
 @pytest.fixture
 def config():
     return tiny_config()

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import save_explorable_lm, tiny_config
 from test_training import write_config
 from transformers import AutoTokenizer, LlamaConfig
 
-from modeling_essm import ESSSMConfig, ESSSMForCausalLM, ESSSMModel, build_fast_tokenizer
+from modeling_essm import ESSSMConfig, ESSSMModel
 from modeling_essm import explorer
 from modeling_essm.cli import explore_main
-from modeling_essm.evaluation import write_report
 from modeling_essm.explorer import (ExplorerError, budget_summary, chosen_budget, cost_curve, curve_figure, encode,
                                     label_distribution, load_explored, measure_sweep, read_input, stream_generation)
 from modeling_essm.tasks import listops
@@ -23,15 +22,8 @@ K = 16  # num_spectral_filters of tiny_config
 
 @pytest.fixture(scope="module")
 def lm_folder(tmp_path_factory):
-    """A saved LM with its byte tokenizer and a budget sweep (made-up numbers) beside it."""
     folder = tmp_path_factory.mktemp("lm")
-    torch.manual_seed(0)
-    model = ESSSMForCausalLM(tiny_config(num_hidden_layers=2))
-    model.save_pretrained(folder)
-    build_fast_tokenizer().save_pretrained(folder)
-    rows = [{"budget": k, "bits_per_byte": 3.0 - k / 10, "loss": 2.0, "parameters": model.num_parameters_at_budget(k),
-             "tokens_per_second": 100.0} for k in (2, 4, 8, K)]
-    write_report(rows, folder, {"model_dir": str(folder), "task": "made up", "eval_samples": 1})
+    save_explorable_lm(folder)
     return folder
 
 

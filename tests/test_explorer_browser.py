@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import save_explorable_lm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from modeling_essm import ESSSMForCausalLM, build_fast_tokenizer
-from modeling_essm.evaluation import write_report
 from modeling_essm.training import load_run_config, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,15 +25,8 @@ PROMPT = "To be"
 
 @pytest.fixture(scope="module")
 def lm_folder(tmp_path_factory):
-    """A saved LM with its tokenizer and a budget sweep (made-up numbers) beside it."""
     folder = tmp_path_factory.mktemp("lm")
-    torch.manual_seed(0)
-    model = ESSSMForCausalLM(tiny_config())
-    model.save_pretrained(folder)
-    build_fast_tokenizer().save_pretrained(folder)
-    rows = [{"budget": k, "bits_per_byte": 3.0 - k / 10, "loss": 2.0, "parameters": model.num_parameters_at_budget(k),
-             "tokens_per_second": 100.0} for k in (2, 4, 8, K)]
-    write_report(rows, folder, {"model_dir": str(folder), "task": "made up", "eval_samples": 1})
+    save_explorable_lm(folder)
     return folder
 
 
