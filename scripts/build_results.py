@@ -34,6 +34,14 @@ TARGETS = {
     "accuracy": {"against_llama": 0.0, "kept": {4: 0.95, 2: 0.85}, "ablation_gap": 10.0},  # points
     "bits_per_byte": {"against_llama": 0.18, "kept": {4: 0.05, 2: 0.12}, "ablation_gap": 0.5},  # bits per byte
 }
+# Runs repeated with another seed (training.seed and budget.seed = 1, the same data) to tell results from noise:
+# (label, model, its results directory for each seed, seed 0 first), relative to the results directory.
+SEED_RUNS = (
+    ("essm, paper schedule", "essm", (".", "seeds/seed1")),
+    ("essm, `budget.bias: 2`", "essm", ("recipes/bias2", "seeds/seed1-bias2")),
+    ("llama", "llama", (".", "seeds/seed1")),
+)
+SEED_TABLE_BUDGETS = (2, 4, None)  # None: the full budget
 
 
 def load_results(results_dir):
@@ -195,6 +203,33 @@ def target_checks(results):
     return checks
 
 
+def seed_table(results_dir, task):
+    """Each repeated run's metric at budgets 2, 4 and K for every seed run, with the mean over seeds;
+    None when the task has no second seed."""
+    runs = []
+    for label, model, seed_dirs in SEED_RUNS:
+        paths = [Path(results_dir, seed_dir, task, f"{model}.json") for seed_dir in seed_dirs]
+        seeds = [(seed, json.loads(path.read_text())) for seed, path in enumerate(paths) if path.is_file()]
+        if seeds:
+            runs.append((label, seeds))
+    if not any(seed > 0 for _, seeds in runs for seed, _ in seeds):
+        return None
+    columns = ["K" if budget is None else f"k={budget}" for budget in SEED_TABLE_BUDGETS]
+    lines = ["| run | seed | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for label, seeds in runs:
+        values = [[metric_at(result, budget) for budget in SEED_TABLE_BUDGETS] for _, result in seeds]
+        result = seeds[0][1]
+        for (seed, _), row in zip(seeds, values):
+            cells = ["" if value is None else format_metric(result, value) for value in row]
+            lines.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+        if len(seeds) > 1:
+            columns_values = [[value for value in column if value is not None] for column in zip(*values)]
+            cells = [format_metric(result, sum(column) / len(column)) if len(column) == len(seeds) else ""
+                     for column in columns_values]
+            lines.append(f"| {label} | mean | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_task(task, results, path):
     import matplotlib
 
@@ -224,7 +259,7 @@ def plot_task(task, results, path):
     plt.close(figure)
 
 
-def task_section(task, results, docs_dir, notes=None):
+def task_section(task, results, docs_dir, notes=None, seeds=None):
     lines = [f"## {TITLES[task]}", ""]
     if not results:
         return lines + [f"Not yet run. Run `{compare_command(task)}`, then rebuild this page.", ""]
@@ -241,6 +276,9 @@ def task_section(task, results, docs_dir, notes=None):
     checks = target_checks(results)
     if checks:
         lines += [f"- {check}" for check in checks] + [""]
+    if seeds:
+        lines += ["The same runs with a second seed (`--set training.seed=1 --set budget.seed=1`, the same data; "
+                  "`results/seeds/`):", "", seeds, ""]
     if notes:
         lines += [notes.strip(), ""]
     lines += [f"Reproduce: `{compare_command(task)}`", ""]
@@ -288,7 +326,8 @@ def render(results, docs_dir, results_dir):
         "",
     ]
     for task in BENCHMARK_TASKS:
-        lines += task_section(task, results.get(task, {}), docs_dir, read_notes(results_dir, task))
+        lines += task_section(task, results.get(task, {}), docs_dir, read_notes(results_dir, task),
+                              seed_table(results_dir, task))
     return "\n".join(lines)
 
 

@@ -148,6 +148,32 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
     assert set(MODELS) <= set(build_results.DESCRIPTIONS)
 
 
+def test_results_page_shows_second_seeds_beside_the_first_with_their_mean(tmp_path):
+    results_dir, docs_dir = tmp_path / "results", tmp_path / "docs"
+    runs = {
+        ".": {"essm": fake_result("audio", "essm", 0.40, {2: 0.30, 4: 0.36, 11: 0.40}),
+              "llama": fake_result("audio", "llama", 0.60)},
+        "seeds/seed1": {"essm": fake_result("audio", "essm", 0.50, {2: 0.20, 4: 0.44, 11: 0.50}),
+                        "llama": fake_result("audio", "llama", 0.64)},
+        "recipes/bias2": {"essm": fake_result("audio", "essm", 0.42, {2: 0.40, 4: 0.41, 11: 0.42})},
+    }
+    for seed_dir, models in runs.items():
+        (results_dir / seed_dir / "audio").mkdir(parents=True, exist_ok=True)
+        for model, result in models.items():
+            (results_dir / seed_dir / "audio" / f"{model}.json").write_text(json.dumps(result))
+
+    page = build_results.build(results_dir, docs_dir).read_text()
+
+    assert "| run | seed | k=2 | k=4 | K |" in page
+    assert "| essm, paper schedule | 0 | 30.0% | 36.0% | 40.0% |" in page
+    assert "| essm, paper schedule | 1 | 20.0% | 44.0% | 50.0% |" in page
+    assert "| essm, paper schedule | mean | 25.0% | 40.0% | 45.0% |" in page
+    assert "| essm, `budget.bias: 2` | 0 | 40.0% | 41.0% | 42.0% |" in page
+    assert "| essm, `budget.bias: 2` | mean |" not in page  # one seed: no mean
+    assert "| llama | mean |  |  | 62.0% |" in page
+    assert build_results.seed_table(results_dir, "listops") is None
+
+
 def test_settings_line_names_the_es_ssm_projection_multiplier():
     result = fake_result("listops", "essm", 0.4)
     result["model_config"] = {"spectral_proj_multiplier": 100.0}
