@@ -97,6 +97,10 @@ class RealValuedInputs(nn.Module):
         self.input_size = input_size
         self.input_proj = nn.Linear(input_size, model.config.hidden_size)
 
+    def can_generate(self) -> bool:
+        """Whether the wrapped model generates (its `Trainer` and evaluation treat it as a language model)."""
+        return self.model.can_generate()
+
     def forward(self, input_values, attention_mask=None, labels=None):
         if input_values.ndim == 2 and self.input_size == 1:
             input_values = input_values.unsqueeze(-1)

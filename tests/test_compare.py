@@ -2,9 +2,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from fake_archives import fsdd_archive, wav_bytes
 from modeling_essm import compare
 from modeling_essm.compare import MODELS, model_run_config, parse_models
 
@@ -73,6 +75,25 @@ def test_comparison_writes_one_well_formed_json_per_model(tmp_path):
     state = json.loads((tmp_path / "runs" / "essm-fixed" / "trainer_state.json").read_text())
     counts = {key: value for entry in state["log_history"] for key, value in entry.items() if key.startswith("budget_count_")}
     assert counts == {"budget_count_8": 2}
+
+
+def test_baselines_on_real_valued_inputs_are_compared_like_the_others(tmp_path):
+    rng = np.random.default_rng(0)
+    recordings = {f"{digit}_alice_{take}.wav": wav_bytes(rng.integers(-3000, 3000, 64))
+                  for digit in range(10) for take in (4, 5)}  # take 4: the test split
+    data_dir = fsdd_archive(tmp_path, recordings)
+    config = yaml.safe_load(write_tiny_config(tmp_path).read_text())
+    config["task"] = {"name": "audio", "data_dir": str(data_dir), "max_length": 64, "frame_size": 8, "seed": 0}
+    config["model"]["classifier_pooling"] = "mean"
+    path = tmp_path / "audio.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    compare.main([str(path), "--models", "llama,mamba", "--results-dir", str(tmp_path / "results")])
+
+    for model in ("llama", "mamba"):
+        result = json.loads((tmp_path / "results" / "audio" / f"{model}.json").read_text())
+        assert result["metric"] == "accuracy" and 0.0 <= result["accuracy"] <= 1.0
+        assert result["model_config"]["model_type"] == model and result["train_steps"] == 2
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ import gzip
 import io
 import json
 import tarfile
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from fake_archives import add_to_tar, fsdd_archive, wav_bytes
 
 from modeling_essm.tasks import TASK_NAMES, TaskData, image, listops, load_task
 from modeling_essm.tasks._common import choose_rows, resolve_data_dir
@@ -218,12 +218,6 @@ def test_text_subsets_are_balanced_and_seeded(imdb_dir):
 # ---------------------------------------------------------------- image (CIFAR-10 JPEG)
 
 
-def add_to_tar(archive, name, data):
-    member = tarfile.TarInfo(name)
-    member.size = len(data)
-    archive.addfile(member, io.BytesIO(data))
-
-
 def jpeg_bytes(top, bottom):
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
     pixels[:16], pixels[16:] = top, bottom
@@ -256,23 +250,6 @@ def test_image_is_grayscale_raster_order_and_cached(cifar_dir, monkeypatch):
 
 
 # ---------------------------------------------------------------- audio (Free Spoken Digit)
-
-
-def wav_bytes(samples, channels=1):
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(channels)
-        wav.setsampwidth(2)
-        wav.setframerate(8000)
-        wav.writeframes(np.asarray(samples, dtype="<i2").tobytes())
-    return buffer.getvalue()
-
-
-def fsdd_archive(folder, recordings):
-    with tarfile.open(folder / "fsdd_recordings.tgz", "w:gz") as archive:
-        for name, data in recordings.items():
-            add_to_tar(archive, f"recordings/{name}", data)
-    return folder
 
 
 def test_audio_is_scaled_padded_cropped_and_split_by_take(tmp_path):
