@@ -197,20 +197,20 @@ class ESSSMSpectralMixer(nn.Module):
         # 2.-3. The channels' causal convolutions by one shared FFT of u, gated and projected chunk by chunk.
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
-        # At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. Under autograd
-        # one chunk (one GEMM) keeps every channel's (B, D, 2T) convolution for backward; with
-        # `spectral_recompute`, chunks are recomputed in backward instead (as FlashAttention recomputes
-        # attention), so memory stops growing with the budget, and each chunk's temporaries stay under glibc's
-        # largest mmap threshold, so that freed ones are reused instead of coming back as fresh pages the kernel
-        # zeroes (faster steps in a plain process, docs/performance.md).
-        # torch.compile would build a graph per number of recomputed chunks, so compiled training keeps one chunk.
-        recompute = self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. In training,
+        # each chunk's temporaries stay under glibc's largest mmap threshold, so that freed ones are reused instead
+        # of coming back as fresh pages the kernel zeroes (faster steps in a plain process, docs/performance.md);
+        # with `spectral_recompute` the chunks' convolutions are recomputed in backward instead of kept, so memory
+        # stops growing with the budget. torch.compile would build a graph per number of chunks (more budgets than
+        # its recompilation limit), so compiled training runs one chunk, kept.
+        compiling = torch.compiler.is_compiling()
+        recompute = self.recompute and torch.is_grad_enabled() and not compiling
         if not torch.is_grad_enabled():
             chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, self.chunk_bytes)
-        elif recompute:
-            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, min(self.chunk_bytes, REUSED_BYTES))
-        else:
+        elif compiling:
             chunk = spectral_budget
+        else:
+            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, min(self.chunk_bytes, REUSED_BYTES))
         # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
         spectral = u.new_zeros(u.shape[0], u.shape[2], seq_len, dtype=torch.float32)  # (B, D, T)
         # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of

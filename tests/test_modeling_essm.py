@@ -646,9 +646,9 @@ def test_recomputed_and_kept_convolutions_give_the_same_gradients_with_padding_a
         torch.testing.assert_close(actual.grad / scale, expected.grad / scale, **tolerance, msg=name)
 
 
-def test_recomputed_chunks_keep_their_temporaries_under_the_reused_size(monkeypatch):
-    """Training chunks hold at most REUSED_BYTES of convolution output (then glibc reuses freed blocks); kept
-    convolutions run as one chunk and inference chunks follow spectral_chunk_mb alone."""
+def test_training_chunks_keep_their_temporaries_under_the_reused_size(monkeypatch):
+    """Training chunks, recomputed or kept, hold at most REUSED_BYTES of convolution output (then glibc reuses freed
+    blocks); inference chunks follow spectral_chunk_mb alone."""
     model = ESSSMForCausalLM(tiny_config(num_hidden_layers=1, spectral_chunk_size=8, spectral_recompute=True))
     mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
     u = torch.randn(2, 100, 32)
@@ -657,7 +657,8 @@ def test_recomputed_chunks_keep_their_temporaries_under_the_reused_size(monkeypa
     sizes = []
     project = mixer.project_channels
     monkeypatch.setattr(mixer, "project_channels", lambda *inputs: sizes.append(inputs[1].shape[0]) or project(*inputs))
-    for recompute, grad, expected in ((True, True, [3, 3, 3, 3, 3, 1]), (False, True, [K]), (True, False, [8, 8])):
+    for recompute, grad, expected in ((True, True, [3, 3, 3, 3, 3, 1]), (False, True, [3, 3, 3, 3, 3, 1]),
+                                      (True, False, [8, 8])):
         sizes.clear()
         mixer.recompute = recompute
         with torch.set_grad_enabled(grad):
