@@ -95,10 +95,10 @@ class ESSSMConfig(PreTrainedConfig):
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
             backward, chunk by chunk, instead of keeping them, so that activation memory stops growing with the
-            budget above one chunk; each chunk's temporaries stay under 30 MB, which glibc reuses when freed, so
-            that in a plain process steps are faster too (1.3-2x at L=1024-4096 for the reference LM; with our
-            commands' `reuse_freed_memory` they cost 3-22% more than keeping them; docs/performance.md). Outputs
-            and gradients are the same. Compiled models (torch.compile) keep the convolutions.
+            budget above one chunk. Either way a training chunk's temporaries stay under 30 MB, which glibc
+            reuses when freed instead of faulting in fresh pages. Recomputing costs about 1.2x in step time at
+            L=1024-4096 for the reference LM; set it to False for speed when memory allows (docs/performance.md).
+            Outputs and gradients are the same. Compiled models (torch.compile) keep the convolutions, in one chunk.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).
