@@ -204,8 +204,8 @@ def target_checks(results):
 
 
 def seed_table(results_dir, task):
-    """Each repeated run's metric at budgets 2, 4 and K for every seed run, with the mean over seeds;
-    None when the task has no second seed."""
+    """Budgets 2, 4 and K of each repeated run: a row per seed and, given two or more, their mean; None when the
+    task has no second seed."""
     runs = []
     for label, model, seed_dirs in SEED_RUNS:
         paths = [Path(results_dir, seed_dir, task, f"{model}.json") for seed_dir in seed_dirs]
@@ -223,9 +223,7 @@ def seed_table(results_dir, task):
             cells = ["" if value is None else format_metric(result, value) for value in row]
             lines.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
         if len(seeds) > 1:
-            columns_values = [[value for value in column if value is not None] for column in zip(*values)]
-            cells = [format_metric(result, sum(column) / len(column)) if len(column) == len(seeds) else ""
-                     for column in columns_values]
+            cells = ["" if None in column else format_metric(result, sum(column) / len(column)) for column in zip(*values)]
             lines.append(f"| {label} | mean | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -298,8 +296,8 @@ def render(results, docs_dir, results_dir):
         "**These are small-scale runs on a 2-core CPU machine shared with other work, not the paper's "
         "setting**: models of a few hundred thousand parameters trained for minutes on shortened "
         "sequences. Each task states its sequence length, data sizes and steps. Every number below "
-        "is read from `results/<task>/<model>.json`; tasks and models without results are marked "
-        "\"not yet run\".",
+        "is read from `results/<task>/<model>.json` (second seeds from `results/seeds/`); tasks and models without "
+        "results are marked \"not yet run\".",
         "",
         "Models, trained with the same data, steps and optimiser (each task's settings line gives the ES-SSM's "
         "spectral_proj_multiplier; the baselines are matched to its parameter count at full budget):",
