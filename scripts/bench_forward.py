@@ -107,9 +107,9 @@ def llama(max_len: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def mamba(max_len: int) -> MambaForCausalLM:
+def mamba(max_len: int, **settings) -> MambaForCausalLM:
     config = MambaConfig(vocab_size=259, hidden_size=384, num_hidden_layers=22, state_size=16, expand=2,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=True, **settings)
     return MambaForCausalLM(config).eval()
 
 

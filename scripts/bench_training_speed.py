@@ -1,11 +1,13 @@
 """Training speed as a user gets it: a plain `transformers.Trainer` in a plain Python process.
 
 The reference ES-SSM LM (D=256, 8 layers, K=32, trained at its full budget) with the convolutions kept for
-backward or recomputed (`spectral_recompute`), against the parameter-matched Llama (SDPA) of
-scripts/bench_forward.py, and both paths once more with glibc keeping freed memory for reuse
-(`reuse_freed_memory()`, the process-wide switch our commands turn on):
+backward or recomputed (`spectral_recompute`), against the parameter-matched Llama (SDPA) and Mamba (with the
+`mambapy` package's parallel scan) of scripts/bench_forward.py, and both ES-SSM paths once more with glibc keeping
+freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our commands turn on):
 
     python scripts/bench_training_speed.py --lengths 1024 2048 4096 --output docs/training_speed.json
+
+Mamba's steps take 30 s to 2 minutes each on one CPU thread at these lengths; `--systems` runs a subset.
 
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
 batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported.
@@ -25,6 +27,7 @@ SYSTEMS = {  # name: (model, spectral_recompute, reuse freed memory)
     "ES-SSM, kept, reuse_freed_memory": ("ES-SSM", False, True),
     "ES-SSM, recomputed, reuse_freed_memory": ("ES-SSM", True, True),
     "Llama (SDPA)": ("Llama (SDPA)", False, False),
+    "Mamba (mambapy scan)": ("Mamba", False, False),
 }
 
 
@@ -35,7 +38,7 @@ def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_forward import ESSM_REFERENCE, llama
+    from bench_forward import ESSM_REFERENCE, llama, mamba
 
     from modeling_essm import ESSSMConfig, ESSSMForCausalLM
     from modeling_essm.cpu_allocator import reuse_freed_memory
@@ -48,6 +51,9 @@ def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) 
     if name == "ES-SSM":
         model = ESSSMForCausalLM(ESSSMConfig(**ESSM_REFERENCE, max_position_embeddings=seq_len,
                                              spectral_recompute=recompute))
+    elif name == "Mamba":
+        # Without CUDA kernels transformers' Mamba backpropagates through a sequential scan; mambapy's is parallel.
+        model = mamba(seq_len, use_mambapy=True)
     else:
         model = llama(seq_len)
     ids = torch.randint(0, 256, (steps + 1, seq_len)).tolist()
