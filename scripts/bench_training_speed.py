@@ -7,7 +7,7 @@ freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our comm
 
     python scripts/bench_training_speed.py --lengths 1024 2048 4096 --output docs/training_speed.json
 
-Mamba's steps take 30 s to 2 minutes each on one CPU thread at these lengths; `--systems` runs a subset.
+Mamba's steps take 36 s to 2.2 minutes each on one CPU thread at these lengths; `--systems` runs a subset.
 
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
 batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported.
