@@ -5,8 +5,8 @@ mmap and returns them to the system on free. PyTorch frees and re-allocates the 
 at every layer and step (FFT spectra, activations), so each one is faulted in and zeroed by the
 kernel again: measured at half of an ES-SSM training step and 44% of the mixer's inference time before
 the mixer kept its training chunks under 32 MB; with them, the switch still speeds up a training step of the
-reference LM at 1,024 tokens by 41% (recomputed convolutions, the default) or 18% (kept), and by 2-9% at 2,048 and
-4,096 tokens (docs/performance.md). Keeping freed memory on the heap removes that cost for any model, at the
+reference LM at 1,024 tokens by 41% (recomputed convolutions, the default) or 18% (kept), by 8-9% at 2,048, and by
+2% (recomputed) or not at all (kept) at 4,096 tokens (docs/performance.md). Keeping freed memory on the heap removes that cost for any model, at the
 price of a resident set that stays at its peak. It is process-wide, so the package never changes it
 on import, and no library function does: our commands (essm-train, essm-eval-budgets, essm-compare, the
 benchmark scripts) switch it on for their own process unless ESSM_REUSE_FREED_MEMORY=0, and users can call

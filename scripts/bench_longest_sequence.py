@@ -25,15 +25,19 @@ from pathlib import Path
 def one_step(recompute: bool, seq_len: int, memory_bytes: int) -> dict:
     """Runs in a fresh process: one training step at `seq_len`, or the error that stopped it."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    import sys
+
     import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_forward import ESSM_REFERENCE
 
     from modeling_essm import ESSSMConfig, ESSSMForCausalLM
 
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        config = ESSSMConfig(hidden_size=256, num_hidden_layers=8, num_spectral_filters=32,
-                             max_position_embeddings=seq_len, spectral_recompute=recompute)
+        config = ESSSMConfig(**ESSM_REFERENCE, max_position_embeddings=seq_len, spectral_recompute=recompute)
         model = ESSSMForCausalLM(config).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randint(0, 256, (1, seq_len))
