@@ -38,6 +38,17 @@ def save_explorable_lm(folder):
 
 
 @pytest.fixture
+def stand_in_shakespeare(tmp_path, monkeypatch):
+    """A data folder whose Tiny Shakespeare is a short stand-in, set as $ESSM_DATA_DIR: tests of the language-model
+    task's plumbing then run without the shared data."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "tinyshakespeare.txt").write_bytes(b"To be, or not to be, that is the question:\n" * 400)
+    monkeypatch.setenv("ESSM_DATA_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
 def config():
     return tiny_config()
 

@@ -29,7 +29,8 @@ def folder(tmp_path):
     return tmp_path / "model"
 
 
-def test_the_benchmark_reports_every_draft_budget_against_plain_decoding(bench, folder, tmp_path):
+def test_the_benchmark_reports_every_draft_budget_against_plain_decoding(bench, folder, tmp_path,
+                                                                         stand_in_shakespeare):
     out = tmp_path / "bench"
     bench.main([str(folder), "--contexts", "16", "32", "--draft-budgets", "2", "8", "--draft-tokens", "3",
                 "--new-tokens", "12", "--repeats", "1", "--out", str(out)])

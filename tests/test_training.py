@@ -144,7 +144,7 @@ def test_bits_per_byte_is_the_loss_in_base_two():
     assert add_bits_per_byte({"eval_loss": math.log(2) * 1.5})["eval_bits_per_byte"] == pytest.approx(1.5)
 
 
-def test_the_paper_reference_config_trains_at_a_reduced_length(tmp_path):
+def test_the_paper_reference_config_trains_at_a_reduced_length(tmp_path, stand_in_shakespeare):
     overrides = ["task.max_length=128", "task.train_size=4", "task.eval_size=2", "training.max_steps=2",
                  "training.per_device_train_batch_size=2", "training.eval_strategy=no", "training.save_strategy=no",
                  f"training.output_dir={tmp_path / 'paper'}", "training.use_cpu=true", "training.report_to=[]"]
