@@ -14,7 +14,6 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import GenerationMode
@@ -25,6 +24,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache_essm import ESSSMCache
 from .configuration_essm import ESSSMConfig, check_spectral_budget
+from .spectral_channels import gated_spectral_channels
 from .spectral_filters import spectral_filters
 from .speculative_essm import DEFAULT_DRAFT_TOKENS, ESSSMDraftCandidateGenerator
 
@@ -55,8 +55,11 @@ def resolve_draft_budget(draft_budget, spectral_budget, config: ESSSMConfig) -> 
 
 
 # glibc serves blocks of 32 MB and more with fresh pages from mmap at every allocation (its largest dynamic mmap
-# threshold); recomputed chunks keep their temporaries below it, with room for the allocator's own headers.
+# threshold); kept chunks keep their temporaries below it, with room for the allocator's own headers.
 REUSED_BYTES = 30 * 2**20
+# Recomputed chunks are convolved in buffers of a few MB, which stay in cache and hold the FFTs' own temporaries
+# small enough for glibc to reuse: 1.5x faster than 30 MB chunks at 4,096 tokens (docs/performance.md).
+RECOMPUTED_CHUNK_BYTES = 4 * 2**20
 
 
 def fft_length(seq_len: int) -> int:
@@ -193,38 +196,20 @@ class ESSSMSpectralMixer(nn.Module):
         seq_len = u.shape[1]
         n_fft = 2 * (filter_spectrum.shape[-1] - 1)
         # 1. The gate over the active channels.
-        weights = self.gate(u, spectral_budget).transpose(1, 2)  # (B, k, T)
+        # Contiguous with time last, as every product with the convolutions reads it (9x faster than strided).
+        weights = self.gate(u, spectral_budget).transpose(1, 2).contiguous()  # (B, k, T)
         # 2.-3. The channels' causal convolutions by one shared FFT of u, gated and projected chunk by chunk.
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
-        # At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. In training,
-        # each chunk's temporaries stay under glibc's largest mmap threshold, so that freed ones are reused instead
-        # of coming back as fresh pages the kernel zeroes (faster steps in a plain process, docs/performance.md);
-        # with `spectral_recompute` the chunks' convolutions are recomputed in backward instead of kept, so memory
-        # stops growing with the budget. torch.compile would build a graph per number of chunks (more budgets than
-        # its recompilation limit), so compiled training runs one chunk, kept.
-        compiling = torch.compiler.is_compiling()
-        recompute = self.recompute and torch.is_grad_enabled() and not compiling
-        if not torch.is_grad_enabled():
-            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, self.chunk_bytes)
-        elif compiling:
-            chunk = spectral_budget
+        filter_spectrum = filter_spectrum[:spectral_budget]
+        if self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Training: recomputed in backward instead of kept, in reused buffers (spectral_channels.py).
+            max_bytes = min(self.chunk_bytes, RECOMPUTED_CHUNK_BYTES)
+            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, max_bytes)
+            projections = self.projections(0, spectral_budget)
+            spectral = gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, seq_len, chunk)
         else:
-            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, min(self.chunk_bytes, REUSED_BYTES))
-        # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
-        spectral = u.new_zeros(u.shape[0], u.shape[2], seq_len, dtype=torch.float32)  # (B, D, T)
-        # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of
-        # chunks instead of the exact budget, so all budgets share at most K / chunk_size graphs.
-        start = 0
-        while start < spectral_budget:
-            end = min(start + chunk, spectral_budget)
-            inputs = (u_spectrum, filter_spectrum[start:end], weights[:, start:end], self.projections(start, end))
-            if recompute:
-                part = checkpoint(self.project_channels, *inputs, seq_len, use_reentrant=False)
-            else:
-                part = self.project_channels(*inputs, seq_len)
-            spectral = spectral + part
-            start = end
+            spectral = self.autograd_channels(u_spectrum, filter_spectrum, weights, seq_len)
         # 4. Plus the skip and local paths.
         return self.combine(u, spectral.transpose(1, 2))  # (B, T, D)
 
@@ -250,6 +235,35 @@ class ESSSMSpectralMixer(nn.Module):
         """At most `chunk_size` channels, and within `max_bytes` of convolution output."""
         bytes_per_channel = batch * hidden * n_fft * 4  # the (B, 1, D, n_fft) float32 inverse FFT
         return max(1, min(self.chunk_size, int(max_bytes // bytes_per_channel)))
+
+    def autograd_channels(self, u_spectrum, filter_spectrum, weights, seq_len: int) -> torch.Tensor:
+        """The gated channels in plain autograd, for inference, for torch.compile, and for training that keeps the
+        convolutions for backward (`spectral_recompute=False`): (B, D, T) float32.
+
+        At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. Kept for training,
+        each chunk's temporaries stay under glibc's largest mmap threshold, so that freed ones are reused instead of
+        coming back as fresh pages the kernel zeroes (docs/performance.md). torch.compile would build a graph per
+        number of chunks (more budgets than its recompilation limit), so compiled code runs one chunk.
+        """
+        batch, hidden, n_freq = u_spectrum.shape
+        spectral_budget, n_fft = filter_spectrum.shape[0], 2 * (n_freq - 1)
+        if torch.compiler.is_compiling():
+            chunk = spectral_budget
+        elif torch.is_grad_enabled():
+            chunk = self.channels_per_chunk(batch, hidden, n_fft, min(self.chunk_bytes, REUSED_BYTES))
+        else:
+            chunk = self.channels_per_chunk(batch, hidden, n_fft, self.chunk_bytes)
+        # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
+        spectral = u_spectrum.new_zeros(batch, hidden, seq_len, dtype=torch.float32)  # (B, D, T)
+        # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of
+        # chunks instead of the exact budget, so all budgets share at most K / chunk_size graphs.
+        start = 0
+        while start < spectral_budget:
+            end = min(start + chunk, spectral_budget)
+            spectral = spectral + self.project_channels(u_spectrum, filter_spectrum[start:end], weights[:, start:end],
+                                                        self.projections(start, end), seq_len)
+            start = end
+        return spectral
 
     @staticmethod
     def project_channels(u_spectrum, filter_spectrum, weights, projections, seq_len: int) -> torch.Tensor:

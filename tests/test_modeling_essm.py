@@ -17,6 +17,7 @@ from modeling_essm.budget import default_budget_grid
 from modeling_essm.modeling_essm import ESSSMSpectralMixer, fft_length
 from modeling_essm.cache_essm import ESSSMCacheLayer
 from modeling_essm.naive import naive_mixer
+from modeling_essm.spectral_channels import gated_spectral_channels
 
 K = 16  # num_spectral_filters of tiny_config
 
@@ -646,18 +647,21 @@ def test_recomputed_and_kept_convolutions_give_the_same_gradients_with_padding_a
         torch.testing.assert_close(actual.grad / scale, expected.grad / scale, **tolerance, msg=name)
 
 
-def test_training_chunks_keep_their_temporaries_under_the_reused_size(monkeypatch):
-    """Training chunks, recomputed or kept, hold at most REUSED_BYTES of convolution output (then glibc reuses freed
-    blocks); inference chunks follow spectral_chunk_mb alone."""
+def test_chunk_sizes_follow_the_path(monkeypatch):
+    """Kept training chunks hold at most REUSED_BYTES of convolution output (then glibc reuses freed blocks),
+    recomputed ones at most RECOMPUTED_CHUNK_BYTES, and inference chunks follow spectral_chunk_mb alone."""
     model = ESSSMForCausalLM(tiny_config(num_hidden_layers=1, spectral_chunk_size=8, spectral_recompute=True))
     mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
     u = torch.randn(2, 100, 32)
-    n_fft = 2 * (basis.filter_spectrum(100, K).shape[-1] - 1)
-    monkeypatch.setattr("modeling_essm.modeling_essm.REUSED_BYTES", 3 * 2 * 32 * n_fft * 4)  # three channels
+    channel_bytes = 2 * 32 * 2 * (basis.filter_spectrum(100, K).shape[-1] - 1) * 4
+    monkeypatch.setattr("modeling_essm.modeling_essm.REUSED_BYTES", 3 * channel_bytes)
+    monkeypatch.setattr("modeling_essm.modeling_essm.RECOMPUTED_CHUNK_BYTES", 2 * channel_bytes)
     sizes = []
     project = mixer.project_channels
     monkeypatch.setattr(mixer, "project_channels", lambda *inputs: sizes.append(inputs[1].shape[0]) or project(*inputs))
-    for recompute, grad, expected in ((True, True, [3, 3, 3, 3, 3, 1]), (False, True, [3, 3, 3, 3, 3, 1]),
+    monkeypatch.setattr("modeling_essm.modeling_essm.gated_spectral_channels",
+                        lambda *inputs: sizes.append(("recomputed", inputs[-1])) or gated_spectral_channels(*inputs))
+    for recompute, grad, expected in ((True, True, [("recomputed", 2)]), (False, True, [3, 3, 3, 3, 3, 1]),
                                       (True, False, [8, 8])):
         sizes.clear()
         mixer.recompute = recompute

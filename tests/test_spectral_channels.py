@@ -1,0 +1,78 @@
+"""The recomputing autograd Function of the mixer's gated channels against gradcheck and plain autograd."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from modeling_essm import ESSSMForCausalLM
+from modeling_essm.modeling_essm import ESSSMSpectralMixer, fft_length
+from modeling_essm.spectral_channels import WORKSPACE, gated_spectral_channels, release_workspace
+
+
+def channel_inputs(batch, hidden, seq_len, k, dtype=torch.float32, seed=0):
+    """Random inputs of the Function at the FFT size the mixer uses, the spectra from real signals."""
+    generator = torch.Generator().manual_seed(seed)
+    n_fft = fft_length(seq_len)
+    u = torch.randn(batch, hidden, seq_len, generator=generator, dtype=dtype)
+    taps = torch.randn(k, seq_len, generator=generator, dtype=dtype)
+    weights = torch.softmax(torch.randn(batch, k, seq_len, generator=generator, dtype=dtype), dim=1)
+    projections = torch.randn(k, hidden, hidden, generator=generator, dtype=dtype) / hidden**0.5
+    return torch.fft.rfft(u, n=n_fft), torch.fft.rfft(taps, n=n_fft), weights, projections
+
+
+def test_gradcheck_in_float64():
+    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 3, 5, 3, dtype=torch.float64)
+    inputs = (u_spectrum.requires_grad_(), weights.requires_grad_(), projections.requires_grad_())
+    # Chunks of 2 over 3 channels: a full chunk and a partial one.
+    assert torch.autograd.gradcheck(lambda u, w, m: gated_spectral_channels(u, filter_spectrum, w, m, 5, 2), inputs)
+
+
+@pytest.mark.parametrize("k, chunk", [(1, 1), (7, 3), (7, 7), (16, 5)])
+def test_outputs_and_gradients_match_plain_autograd(k, chunk):
+    seq_len = 97  # not 5-smooth: the FFT size is larger than 2T
+    fast_inputs = [x.requires_grad_() for x in channel_inputs(2, 32, seq_len, k)]
+    plain_inputs = [x.detach().clone().requires_grad_() for x in fast_inputs]
+    probe = torch.randn(2, 32, seq_len, generator=torch.Generator().manual_seed(5))
+    fast_inputs[1].requires_grad_(False)
+    plain_inputs[1].requires_grad_(False)
+    fast = gated_spectral_channels(*fast_inputs, seq_len, chunk)
+    plain = ESSSMSpectralMixer.project_channels(*plain_inputs, seq_len)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    (fast * probe).sum().backward()
+    (plain * probe).sum().backward()
+    for name, index in (("u_spectrum", 0), ("weights", 2), ("projections", 3)):
+        expected = plain_inputs[index].grad
+        scale = expected.abs().max()
+        torch.testing.assert_close(fast_inputs[index].grad / scale, expected / scale, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_not_alias_them():
+    release_workspace()
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(spectral_recompute=True)).train()  # two layers share the buffers
+    x = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def step(inputs):
+        model.zero_grad(set_to_none=True)
+        model(inputs, labels=inputs).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    first = step(x)
+    buffers = {key: flat.data_ptr() for key, flat in WORKSPACE.buffers.items()}
+    assert {name for name, _, _ in buffers} == {"spectrum", "conv", "padded", "product"}
+    spectral_grad = model.model.layers[0].mixer.spectral_proj.grad
+    held = spectral_grad.clone()
+    step(x.flip(0))  # different data through the same buffers
+    assert {key: flat.data_ptr() for key, flat in WORKSPACE.buffers.items()} == buffers
+    assert torch.equal(spectral_grad, held)  # the earlier step's gradient is its own tensor
+    again = step(x)
+    for name, grad in first.items():
+        torch.testing.assert_close(again[name], grad, atol=0, rtol=0, msg=name)
+    release_workspace()
+    assert not WORKSPACE.buffers
+
+
+def test_trainable_filters_are_refused():
+    u_spectrum, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 2)
+    with pytest.raises(ValueError, match="filter_spectrum must not require grad"):
+        gated_spectral_channels(u_spectrum, filter_spectrum.requires_grad_(), weights, projections, 8, 1)
