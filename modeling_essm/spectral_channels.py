@@ -72,12 +72,13 @@ def in_dtype(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return WORKSPACE.get(name, x.shape, dtype, x.device).copy_(x)
 
 
-def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
-    """out = a @ b, or out += a @ b: a and b in the GEMMs' dtype, out in the sum's (in place when they agree)."""
-    if a.dtype == out.dtype:
-        return out.baddbmm_(a, b) if accumulate else torch.matmul(a, b, out=out)
-    product = torch.matmul(a, b)
-    return out.add_(product) if accumulate else out.copy_(product)
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, accumulate: bool = False):
+    """out = alpha * a @ b, or out += alpha * a @ b, in place: a and b in the GEMMs' dtype, out in the sum's."""
+    if a.dtype != out.dtype:  # autocast: the GEMM in its dtype, the sum in full precision
+        product = torch.matmul(a, b)
+        return out.add_(product, alpha=alpha) if accumulate else torch.mul(product, alpha, out=out)
+    gemm = out.addmm_ if out.dim() == 2 else out.baddbmm_
+    return gemm(a, b, beta=1 if accumulate else 0, alpha=alpha)
 
 
 class GatedSpectralChannels(torch.autograd.Function):
@@ -86,13 +87,14 @@ class GatedSpectralChannels(torch.autograd.Function):
     u_spectrum (B, D, F): rFFT of the inputs, time last, at the FFT size 2 * (F - 1) >= 2T (complex64, or
         complex128 for gradcheck: the outputs are real of the same precision);
     filter_spectrum (k, F): rFFT of the scaled filters at the same size (fixed buffers: no gradient);
-    weights (B, k, T): the gate, contiguous; projections (k, D, D): the effective M_j.
+    weights (B, k, T): the gate, contiguous; projections (k, D, D): the stored M_j, which the GEMMs scale by
+        `multiplier` (ESSSMConfig.spectral_proj_multiplier) instead of materialising the effective ones.
     Under autocast the projections' GEMMs run in its dtype and the FFTs and the sum stay in full precision, as in
     `project_channels`.
     """
 
     @staticmethod
-    def forward(ctx, u_spectrum, filter_spectrum, weights, projections, seq_len: int, chunk: int):
+    def forward(ctx, u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int, chunk: int):
         if filter_spectrum.requires_grad:
             raise ValueError("GatedSpectralChannels takes fixed filters: filter_spectrum must not require grad.")
         batch, hidden = u_spectrum.shape[:2]
@@ -106,9 +108,10 @@ class GatedSpectralChannels(torch.autograd.Function):
             features = conv.mul_(weights[:, start:end, None]).flatten(1, 2)  # (B, c*D, T)
             # M^T @ features, time last (see project_channels for why this orientation).
             mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
-            matmul_into(out, mixing.expand(batch, -1, -1), in_dtype(features, gemm_dtype, "features"), accumulate=True)
+            lowered = in_dtype(features, gemm_dtype, "features")
+            matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=True)
         ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections)
-        ctx.chunk, ctx.gemm_dtype = chunk, gemm_dtype
+        ctx.multiplier, ctx.chunk, ctx.gemm_dtype = multiplier, chunk, gemm_dtype
         return out
 
     @staticmethod
@@ -116,7 +119,7 @@ class GatedSpectralChannels(torch.autograd.Function):
     def backward(ctx, grad_out):
         u_spectrum, filter_spectrum, weights, projections = ctx.saved_tensors
         batch, hidden, n_freq = u_spectrum.shape
-        seq_len, n_fft, dtype = grad_out.shape[-1], 2 * (n_freq - 1), ctx.gemm_dtype
+        seq_len, n_fft, dtype, multiplier = grad_out.shape[-1], 2 * (n_freq - 1), ctx.gemm_dtype, ctx.multiplier
         device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
         grad_out_lowered = grad_out.to(dtype)  # (B, D, T)
         grad_u_spectrum = torch.zeros_like(u_spectrum)
@@ -135,23 +138,28 @@ class GatedSpectralChannels(torch.autograd.Function):
             padded[..., seq_len:].zero_()
             grad_features = padded[..., :seq_len]  # (B, c, D, T)
             mixing = projections[start:end].reshape(-1, hidden).to(dtype)  # (c*D, D)
-            matmul_into(grad_features.flatten(1, 2), mixing, grad_out_lowered)
+            matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
             # 3. The gate's gradient: sum over D of grad_features * conv.
             product = WORKSPACE.get("product", conv.shape, real_dtype, device)
             torch.sum(torch.mul(grad_features, conv, out=product), dim=2, out=grad_weights[:, start:end])
             # 4. The projections' gradient: features @ grad_out^T, summed over the batch.
             features = conv.mul_(weights[:, start:end, None]).flatten(1, 2)  # (B, c*D, T)
-            products = in_dtype(features, dtype, "features") @ grad_out_lowered.transpose(1, 2)  # (B, c*D, D)
-            grad_projections[start:end] = products.sum(0).view(channels, hidden, hidden)
+            lowered = in_dtype(features, dtype, "features")
+            grad_mixing = grad_projections[start:end].view(-1, hidden)  # (c*D, D)
+            for b in range(batch):
+                matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
             # 5. The input spectrum's gradient: the convolutions' adjoint, summed over the chunk's channels.
             grad_features.mul_(weights[:, start:end, None])  # d out / d conv
             spectrum = WORKSPACE.get("spectrum", (batch, channels, hidden, n_freq), u_spectrum.dtype, device)
             torch.fft.rfft(padded, out=spectrum)
             spectrum.mul_((filter_spectrum[start:end].conj() * adjoint_scale)[:, None])
-            grad_u_spectrum += spectrum.sum(dim=1)
-        return grad_u_spectrum, None, grad_weights.to(weights.dtype), grad_projections.to(projections.dtype), None, None
+            for channel in range(channels):
+                grad_u_spectrum += spectrum[:, channel]
+        grad_weights, grad_projections = grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
+        return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None
 
 
-def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, seq_len: int, chunk: int):
+def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int,
+                            chunk: int) -> torch.Tensor:
     """`GatedSpectralChannels` applied: see its docstring for the arguments."""
-    return GatedSpectralChannels.apply(u_spectrum, filter_spectrum, weights, projections, seq_len, chunk)
+    return GatedSpectralChannels.apply(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk)

@@ -1,5 +1,6 @@
 """The longest sequence one training step fits in, for the reference ES-SSM LM (D=256, 8 layers, K=32, batch 1)
-with its convolutions kept or recomputed (`spectral_recompute`, the default).
+with its convolutions kept or recomputed (`spectral_recompute`, the default), and for the parameter-matched Llama
+(SDPA) of scripts/bench_forward.py.
 
     python scripts/bench_longest_sequence.py --memory-gb 16 --output docs/longest_sequence.json
 
@@ -22,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 
-def one_step(recompute: bool, seq_len: int, memory_bytes: int) -> dict:
+def one_step(path: str, seq_len: int, memory_bytes: int) -> dict:
     """Runs in a fresh process: one training step at `seq_len`, or the error that stopped it."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     import sys
@@ -30,15 +31,19 @@ def one_step(recompute: bool, seq_len: int, memory_bytes: int) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_forward import ESSM_REFERENCE
+    from bench_forward import ESSM_REFERENCE, llama
 
     from modeling_essm import ESSSMConfig, ESSSMForCausalLM
 
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        config = ESSSMConfig(**ESSM_REFERENCE, max_position_embeddings=seq_len, spectral_recompute=recompute)
-        model = ESSSMForCausalLM(config).train()
+        if path == "llama":
+            model = llama(seq_len).train()
+        else:
+            config = ESSSMConfig(**ESSM_REFERENCE, max_position_embeddings=seq_len,
+                                 spectral_recompute=path == "recomputed")
+            model = ESSSMForCausalLM(config).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randint(0, 256, (1, seq_len))
         start = time.perf_counter()
@@ -57,7 +62,8 @@ def main():
     parser.add_argument("--max-length", type=int, default=262144)
     parser.add_argument("--memory-gb", type=float, default=16.0, help="address-space cap of each step's process")
     parser.add_argument("--refine", type=int, default=2, help="bisection steps after the doubling (default: 2)")
-    parser.add_argument("--paths", nargs="+", choices=["kept", "recomputed"], default=["kept", "recomputed"])
+    parser.add_argument("--paths", nargs="+", choices=["kept", "recomputed", "llama"],
+                        default=["kept", "recomputed", "llama"])
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="run the steps with glibc's mmap threshold fixed at its default 128 kB "
                         "(MALLOC_MMAP_THRESHOLD_=131072): large blocks always come from mmap and go back on free")
@@ -71,7 +77,7 @@ def main():
     def fits(path: str, seq_len: int) -> bool:
         with ProcessPoolExecutor(1, mp_context=context) as pool:
             try:
-                step = pool.submit(one_step, path == "recomputed", seq_len, int(args.memory_gb * 2**30)).result()
+                step = pool.submit(one_step, path, seq_len, int(args.memory_gb * 2**30)).result()
             except BrokenProcessPool:  # killed, e.g. by the kernel's OOM killer when the machine ran short first
                 step = {"seq_len": seq_len, "fits": False, "peak_rss_gb": float("nan"), "seconds": None,
                         "error": "the process was killed"}

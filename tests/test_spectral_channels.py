@@ -24,7 +24,7 @@ def test_gradcheck_in_float64():
     u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 3, 5, 3, dtype=torch.float64)
     inputs = (u_spectrum.requires_grad_(), weights.requires_grad_(), projections.requires_grad_())
     # Chunks of 2 over 3 channels: a full chunk and a partial one.
-    assert torch.autograd.gradcheck(lambda u, w, m: gated_spectral_channels(u, filter_spectrum, w, m, 5, 2), inputs)
+    assert torch.autograd.gradcheck(lambda u, w, m: gated_spectral_channels(u, filter_spectrum, w, m, 3.0, 5, 2), inputs)
 
 
 @pytest.mark.parametrize("k, chunk", [(1, 1), (7, 3), (7, 7), (16, 5)])
@@ -35,8 +35,9 @@ def test_outputs_and_gradients_match_plain_autograd(k, chunk):
     probe = torch.randn(2, 32, seq_len, generator=torch.Generator().manual_seed(5))
     fast_inputs[1].requires_grad_(False)
     plain_inputs[1].requires_grad_(False)
-    fast = gated_spectral_channels(*fast_inputs, seq_len, chunk)
-    plain = ESSSMSpectralMixer.project_channels(*plain_inputs, seq_len)
+    fast = gated_spectral_channels(*fast_inputs, 3.0, seq_len, chunk)  # the stored M_j and their multiplier
+    u_spectrum, filter_spectrum, weights, projections = plain_inputs
+    plain = ESSSMSpectralMixer.project_channels(u_spectrum, filter_spectrum, weights, 3.0 * projections, seq_len)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
     (fast * probe).sum().backward()
     (plain * probe).sum().backward()
@@ -75,4 +76,4 @@ def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_no
 def test_trainable_filters_are_refused():
     u_spectrum, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 2)
     with pytest.raises(ValueError, match="filter_spectrum must not require grad"):
-        gated_spectral_channels(u_spectrum, filter_spectrum.requires_grad_(), weights, projections, 8, 1)
+        gated_spectral_channels(u_spectrum, filter_spectrum.requires_grad_(), weights, projections, 1.0, 8, 1)
