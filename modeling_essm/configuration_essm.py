@@ -94,11 +94,12 @@ class ESSSMConfig(PreTrainedConfig):
             convolution output within this many MB, so that inference memory stops growing with the budget
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
-            backward, chunk by chunk, instead of keeping them, so that activation memory stops growing with the
-            budget above one chunk. Either way a training chunk's temporaries stay under 30 MB, which glibc
-            reuses when freed instead of faulting in fresh pages. Recomputing costs about 1.2x in step time at
-            L=1024-4096 for the reference LM; set it to False for speed when memory allows (docs/performance.md).
-            Outputs and gradients are the same. Compiled models (torch.compile) keep the convolutions, in one chunk.
+            backward instead of keeping them (one autograd Function, spectral_channels.py: it saves the input
+            spectrum, the gate and the projections, and runs every chunk in a few MB of buffers that all layers and
+            steps reuse), so that activation memory does not grow with the budget. Set it to False to keep them
+            (plain autograd, chunks of under 30 MB): at L=1024-4096 that trained the reference LM 1.06-1.18x
+            faster and costs memory in proportion to the budget (docs/performance.md). Outputs and gradients are
+            the same. Compiled models (torch.compile) keep the convolutions, in one chunk.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).

@@ -1,7 +1,8 @@
 """Training memory and step time of ES-SSM against the spectral budget, in a plain process.
 
 For each budget: the peak of the memory torch's tensors hold during one forward + backward (the profiler's
-allocations summed in order, as `essm-plan` measures), and the median time of a training step with AdamW.
+allocations summed in order, as `essm-plan` measures; the recomputed path's reused chunk buffers are released first,
+so that the peak counts them), and the median time of a training step with AdamW.
 
     python scripts/bench_training_memory.py [--recompute] --hidden-size 64 --layers 2 --length 784 --batch-size 16
 """
@@ -15,6 +16,7 @@ import torch
 
 from modeling_essm import ESSSMConfig, ESSSMForSequenceClassification
 from modeling_essm.planner import peak_memory_mb
+from modeling_essm.spectral_channels import release_workspace
 
 
 def main():
@@ -54,6 +56,7 @@ def main():
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        release_workspace()
         peak = peak_memory_mb(forward_backward, torch.device("cpu"))
         optimizer.zero_grad(set_to_none=True)
         rows.append({"budget": k, "peak_memory_mb": peak, "seconds_per_step": statistics.median(times)})
