@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "modeling_essm"
 # The model, budgets, generation, tokenizer, Hub push, export and the command-line entry points.
 CORE_MODULES = ("__init__", "budget", "cache_essm", "cli", "configuration_essm", "export_essm", "folders", "hub",
-                "modeling_essm", "naive", "spectral_filters", "speculative_essm", "tokenization_essm")
+                "modeling_essm", "naive", "spectral_channels", "spectral_filters", "speculative_essm", "tokenization_essm")
 # Installed by the core dependencies themselves (transformers brings tokenizers, tqdm, packaging, ...).
 BROUGHT_BY_TRANSFORMERS = {"tokenizers"}
 
