@@ -59,7 +59,7 @@ def resolve_draft_budget(draft_budget, spectral_budget, config: ESSSMConfig) -> 
 REUSED_BYTES = 30 * 2**20
 # Recomputed chunks are convolved in buffers of a few MB, which stay in cache and hold the FFTs' own temporaries
 # small enough for glibc to reuse: 1.5x faster than 30 MB chunks at 4,096 tokens (docs/performance.md).
-RECOMPUTED_CHUNK_BYTES = 4 * 2**20
+RECOMPUTED_CHUNK_BYTES = 16 * 2**20
 
 
 def fft_length(seq_len: int) -> int:

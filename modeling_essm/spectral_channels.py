@@ -1,20 +1,22 @@
-"""The gated spectral channels of the ES-SSM mixer as one autograd Function, for training and inference.
+"""The gated spectral channels of the ES-SSM mixer in training, as one autograd Function.
 
     out(t) = sum_j a_j(t) * (phi_j * u)(t) M_j        (B, D, T), over the active channels j, chunk by chunk
 
-Each chunk's convolutions are built in buffers that every chunk, layer and step reuse, and backward recomputes
-them from what forward saved (the input spectrum, the gate, the projections) instead of keeping them, as
-FlashAttention and FlashFFTConv recompute instead of storing. Two costs go away at once:
+Forward saves only what backward needs to recompute the convolutions (the input spectrum, the gate, the
+projections), as FlashAttention and FlashFFTConv recompute instead of storing, and backward recomputes each
+chunk's convolutions but not its projection GEMM. Two costs go away:
 
 - memory: nothing of size (B, k, D, T) outlives its chunk, so training memory does not grow with the budget;
-- fresh pages: a plain process that frees and re-allocates tens of MB per chunk gets them back from the kernel
-  zeroed at every allocation (glibc's malloc returns large blocks to the system); reused buffers are faulted in
-  once.
+- fresh pages: a chunk's features and their gradient live in buffers that every chunk, layer and step reuse, and
+  the FFTs run one channel at a time, on inputs and outputs of a few MB that stay in cache and that glibc reuses
+  when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
+  kernel as pages it zeroes again at every allocation.
 
-`modeling_essm.ESSSMSpectralMixer.project_channels` is the same computation in plain autograd (kept for
-backward, and traced by torch.compile); tests check this one against it and against `naive.naive_mixer`.
+`modeling_essm.ESSSMSpectralMixer.project_channels` is the same computation in plain autograd (the kept path, and
+what torch.compile traces); tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
 """
 
+import math
 import threading
 
 import torch
@@ -32,10 +34,7 @@ class ChunkWorkspace(threading.local):
         self.buffers = {}
 
     def get(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, dtype, device)
-        numel = 1
-        for size in shape:
-            numel *= size
+        key, numel = (name, dtype, device), math.prod(shape)
         flat = self.buffers.get(key)
         if flat is None or flat.numel() < numel:
             self.buffers.pop(key, None)  # free the smaller one first: the peak is one buffer, not two
@@ -54,15 +53,13 @@ def release_workspace():
     WORKSPACE.clear()
 
 
-def chunk_convolutions(u_spectrum, filter_spectrum, seq_len: int) -> torch.Tensor:
-    """(phi_j * u)(t) for the chunk's c channels, in the workspace: (B, D, F) x (c, F) -> (B, c, D, n_fft) real,
-    of which the first seq_len outputs are the causal convolutions."""
-    batch, hidden, n_freq = u_spectrum.shape
-    channels, n_fft = filter_spectrum.shape[0], 2 * (n_freq - 1)
-    product = WORKSPACE.get("spectrum", (batch, channels, hidden, n_freq), u_spectrum.dtype, u_spectrum.device)
-    torch.mul(u_spectrum.unsqueeze(1), filter_spectrum[:, None], out=product)
-    conv = WORKSPACE.get("conv", (batch, channels, hidden, n_fft), u_spectrum.real.dtype, u_spectrum.device)
-    return torch.fft.irfft(product, n=n_fft, out=conv)
+def channel_convolution(u_spectrum, channel_spectrum, seq_len: int) -> torch.Tensor:
+    """(phi_j * u)(t) of one channel, t < seq_len: (B, D, F) x (F,) -> (B, D, seq_len), a view of the inverse FFT.
+
+    One channel at a time keeps each transform's input and output (a few MB) in cache, and small enough that glibc
+    reuses them when freed."""
+    n_fft = 2 * (u_spectrum.shape[-1] - 1)
+    return torch.fft.irfft(u_spectrum * channel_spectrum, n=n_fft)[..., :seq_len]
 
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -104,11 +101,13 @@ class GatedSpectralChannels(torch.autograd.Function):
         out = torch.zeros(batch, hidden, seq_len, dtype=real_dtype, device=device)
         for start in range(0, filter_spectrum.shape[0], chunk):
             end = min(start + chunk, filter_spectrum.shape[0])
-            conv = chunk_convolutions(u_spectrum, filter_spectrum[start:end], seq_len)[..., :seq_len]  # (B, c, D, T)
-            features = conv.mul_(weights[:, start:end, None]).flatten(1, 2)  # (B, c*D, T)
+            features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
+            for j in range(start, end):  # a_j(t) (phi_j * u)(t), straight from the inverse FFT
+                conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+                torch.mul(conv, weights[:, j, None], out=features[:, j - start])
             # M^T @ features, time last (see project_channels for why this orientation).
             mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
-            lowered = in_dtype(features, gemm_dtype, "features")
+            lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
             matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=True)
         ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections)
         ctx.multiplier, ctx.chunk, ctx.gemm_dtype = multiplier, chunk, gemm_dtype
@@ -130,31 +129,29 @@ class GatedSpectralChannels(torch.autograd.Function):
         adjoint_scale[[0, -1]] = 1.0 / n_fft
         for start in range(0, filter_spectrum.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, filter_spectrum.shape[0])
-            channels = end - start
-            # 1. The chunk's convolutions, recomputed.
-            conv = chunk_convolutions(u_spectrum, filter_spectrum[start:end], seq_len)[..., :seq_len]  # (B, c, D, T)
-            # 2. d out / d features = M @ grad_out, written into a zero-padded buffer for the FFT of step 5.
-            padded = WORKSPACE.get("padded", (batch, channels, hidden, n_fft), real_dtype, device)
-            padded[..., seq_len:].zero_()
-            grad_features = padded[..., :seq_len]  # (B, c, D, T)
+            shape = (batch, end - start, hidden, seq_len)
+            # 1. d out / d features = M @ grad_out.
+            grad_features = WORKSPACE.get("grad_features", shape, real_dtype, device)
             mixing = projections[start:end].reshape(-1, hidden).to(dtype)  # (c*D, D)
             matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
-            # 3. The gate's gradient: sum over D of grad_features * conv.
-            product = WORKSPACE.get("product", conv.shape, real_dtype, device)
-            torch.sum(torch.mul(grad_features, conv, out=product), dim=2, out=grad_weights[:, start:end])
-            # 4. The projections' gradient: features @ grad_out^T, summed over the batch.
-            features = conv.mul_(weights[:, start:end, None]).flatten(1, 2)  # (B, c*D, T)
-            lowered = in_dtype(features, dtype, "features")
+            # 2. The chunk's convolutions, recomputed, give the gate's gradient (their product with grad_features
+            # summed over D) and, weighted by the gate, the features.
+            features = WORKSPACE.get("features", shape, real_dtype, device)
+            product = WORKSPACE.get("product", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
+            for j in range(start, end):
+                conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+                torch.sum(torch.mul(conv, grad_features[:, j - start], out=product), dim=1, out=grad_weights[:, j])
+                torch.mul(conv, weights[:, j, None], out=features[:, j - start])
+            # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
+            lowered = in_dtype(features.flatten(1, 2), dtype, "lowered")  # (B, c*D, T)
             grad_mixing = grad_projections[start:end].view(-1, hidden)  # (c*D, D)
             for b in range(batch):
                 matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
-            # 5. The input spectrum's gradient: the convolutions' adjoint, summed over the chunk's channels.
-            grad_features.mul_(weights[:, start:end, None])  # d out / d conv
-            spectrum = WORKSPACE.get("spectrum", (batch, channels, hidden, n_freq), u_spectrum.dtype, device)
-            torch.fft.rfft(padded, out=spectrum)
-            spectrum.mul_((filter_spectrum[start:end].conj() * adjoint_scale)[:, None])
-            for channel in range(channels):
-                grad_u_spectrum += spectrum[:, channel]
+            # 4. The input spectrum's gradient: each convolution's adjoint applied to d out / d conv.
+            for j in range(start, end):
+                grad_conv = grad_features[:, j - start].mul_(weights[:, j, None])  # (B, D, T)
+                spectrum = torch.fft.rfft(grad_conv, n=n_fft)  # (B, D, F)
+                grad_u_spectrum.addcmul_(spectrum, (filter_spectrum[j].conj() * adjoint_scale))
         grad_weights, grad_projections = grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
         return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None
 

@@ -60,7 +60,7 @@ def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_no
 
     first = step(x)
     buffers = {key: flat.data_ptr() for key, flat in WORKSPACE.buffers.items()}
-    assert {name for name, _, _ in buffers} == {"spectrum", "conv", "padded", "product"}
+    assert {name for name, _, _ in buffers} == {"features", "grad_features", "product"}
     spectral_grad = model.model.layers[0].mixer.spectral_proj.grad
     held = spectral_grad.clone()
     step(x.flip(0))  # different data through the same buffers
