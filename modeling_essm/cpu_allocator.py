@@ -1,13 +1,14 @@
-"""Keep freed CPU memory for reuse: with glibc, training steps on CPU that allocate large buffers run faster.
+"""Keep freed CPU memory for reuse: with glibc, CPU code that frees and re-allocates large buffers runs faster.
 
 glibc serves every allocation over 32 MB (and, by default, many over 128 kB) with fresh pages from
 mmap and returns them to the system on free. PyTorch frees and re-allocates the same large buffers
 at every layer and step (FFT spectra, activations), so each one is faulted in and zeroed by the
-kernel again: measured at half of an ES-SSM training step and 44% of the mixer's inference time before
-the mixer kept its training chunks under 32 MB; with them, the switch still speeds up a training step of the
-reference LM at 1,024 tokens by 41% (recomputed convolutions, the default) or 18% (kept), by 8-9% at 2,048, and by
-2% (recomputed) or not at all (kept) at 4,096 tokens (docs/performance.md). Keeping freed memory on the heap removes that cost for any model, at the
-price of a resident set that stays at its peak. It is process-wide, so the package never changes it
+kernel again: measured at half of an ES-SSM training step and 44% of the mixer's inference time (L=4096) before
+the mixer's training chunks ran in reused buffers. Training no longer needs it: with the recomputing Function, the
+switch moved the reference LM's training speed by -2% to +3% at 1,024 and 2,048 tokens (noise), where it had sped up
+the checkpointed chunks by 41% at 1,024 tokens (docs/performance.md); inference still allocates its chunks afresh.
+Keeping freed memory on the heap removes that cost for any model, at the price of a resident set that stays at
+its peak. It is process-wide, so the package never changes it
 on import, and no library function does: our commands (essm-train, essm-eval-budgets, essm-compare, the
 benchmark scripts) switch it on for their own process unless ESSM_REUSE_FREED_MEMORY=0, and users can call
 it too. Environment equivalent: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
