@@ -95,10 +95,10 @@ class ESSSMConfig(PreTrainedConfig):
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
             backward instead of keeping them (one autograd Function, spectral_channels.py: it saves the input
-            spectrum, the gate and the projections, and runs every chunk in a few MB of buffers that all layers and
-            steps reuse), so that activation memory does not grow with the budget. Set it to False to keep them
-            (plain autograd, chunks of under 30 MB): at L=1024-4096 that trained the reference LM 1.06-1.18x
-            faster and costs memory in proportion to the budget (docs/performance.md). Outputs and gradients are
+            spectrum, the gate and the projections, runs the FFTs one channel at a time and keeps each chunk's
+            features in buffers that all layers and steps reuse), so that activation memory does not grow with the
+            budget. Set it to False to keep them (plain autograd, chunks of under 30 MB): memory then grows in
+            proportion to the budget, for about the same speed (docs/performance.md). Outputs and gradients are
             the same. Compiled models (torch.compile) keep the convolutions, in one chunk.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
