@@ -124,9 +124,11 @@ class GatedSpectralChannels(torch.autograd.Function):
         grad_u_spectrum = torch.zeros_like(u_spectrum)
         grad_weights = torch.empty(weights.shape, dtype=real_dtype, device=device)
         grad_projections = torch.empty(projections.shape, dtype=real_dtype, device=device)
-        # irfft's adjoint: rFFT times 2/n, and 1/n at the two frequencies that appear once (0 and n/2).
+        # The convolutions' adjoint: irfft's is the rFFT times 2/n, and 1/n at the two frequencies that appear once
+        # (0 and n/2); the product with each filter's spectrum, its conjugate.
         adjoint_scale = torch.full((n_freq,), 2.0 / n_fft, dtype=real_dtype, device=device)
         adjoint_scale[[0, -1]] = 1.0 / n_fft
+        adjoint_filters = filter_spectrum.conj() * adjoint_scale  # (k, F)
         for start in range(0, filter_spectrum.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, filter_spectrum.shape[0])
             shape = (batch, end - start, hidden, seq_len)
@@ -151,7 +153,7 @@ class GatedSpectralChannels(torch.autograd.Function):
             for j in range(start, end):
                 grad_conv = grad_features[:, j - start].mul_(weights[:, j, None])  # (B, D, T)
                 spectrum = torch.fft.rfft(grad_conv, n=n_fft)  # (B, D, F)
-                grad_u_spectrum.addcmul_(spectrum, (filter_spectrum[j].conj() * adjoint_scale))
+                grad_u_spectrum.addcmul_(spectrum, adjoint_filters[j])
         grad_weights, grad_projections = grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
         return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None
 
