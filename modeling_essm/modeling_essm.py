@@ -206,7 +206,7 @@ class ESSSMSpectralMixer(nn.Module):
             # Training: recomputed in backward instead of kept, in reused buffers (spectral_channels.py).
             max_bytes = min(self.chunk_bytes, RECOMPUTED_CHUNK_BYTES)
             chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, max_bytes)
-            spectral = gated_spectral_channels(u_spectrum, filter_spectrum, weights, self.spectral_proj[:spectral_budget],
+            spectral = gated_spectral_channels(u_spectrum, filter_spectrum, weights, self.spectral_proj,
                                                self.spectral_proj_multiplier, seq_len, chunk)
         else:
             spectral = self.autograd_channels(u_spectrum, filter_spectrum, weights, seq_len)

@@ -56,10 +56,14 @@ def release_workspace():
 def channel_convolution(u_spectrum, channel_spectrum, seq_len: int) -> torch.Tensor:
     """(phi_j * u)(t) of one channel, t < seq_len: (B, D, F) x (F,) -> (B, D, seq_len), a view of the inverse FFT.
 
-    One channel at a time keeps each transform's input and output (a few MB) in cache, and small enough that glibc
-    reuses them when freed."""
-    n_fft = 2 * (u_spectrum.shape[-1] - 1)
-    return torch.fft.irfft(u_spectrum * channel_spectrum, n=n_fft)[..., :seq_len]
+    One channel at a time keeps each transform's input and output (a few MB) in cache. The spectra's product goes
+    into a reused buffer: allocated afresh, it ran 2-5x slower in a plain process (pages the kernel zeroes); the
+    FFTs allocate their outputs themselves (given `out=`, they copy into it, which was slower still)."""
+    batch, hidden, n_freq = u_spectrum.shape
+    n_fft, device = 2 * (n_freq - 1), u_spectrum.device
+    spectrum = torch.mul(u_spectrum, channel_spectrum,
+                         out=WORKSPACE.get("spectrum", u_spectrum.shape, u_spectrum.dtype, device))
+    return torch.fft.irfft(spectrum, n=n_fft)[..., :seq_len]
 
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -84,8 +88,10 @@ class GatedSpectralChannels(torch.autograd.Function):
     u_spectrum (B, D, F): rFFT of the inputs, time last, at the FFT size 2 * (F - 1) >= 2T (complex64, or
         complex128 for gradcheck: the outputs are real of the same precision);
     filter_spectrum (k, F): rFFT of the scaled filters at the same size (fixed buffers: no gradient);
-    weights (B, k, T): the gate, contiguous; projections (k, D, D): the stored M_j, which the GEMMs scale by
-        `multiplier` (ESSSMConfig.spectral_proj_multiplier) instead of materialising the effective ones.
+    weights (B, k, T): the gate, contiguous; projections (K, D, D), K >= k: the stored M_j, which the GEMMs scale
+        by `multiplier` (ESSSMConfig.spectral_proj_multiplier) instead of materialising the effective ones. Rows
+        past k get a zero gradient: the whole parameter, not its slice, spares autograd the slice's backward (a
+        zeroed (K, D, D) copy per layer).
     Under autocast the projections' GEMMs run in its dtype and the FFTs and the sum stay in full precision, as in
     `project_channels`.
     """
@@ -124,11 +130,15 @@ class GatedSpectralChannels(torch.autograd.Function):
         grad_u_spectrum = torch.zeros_like(u_spectrum)
         grad_weights = torch.empty(weights.shape, dtype=real_dtype, device=device)
         grad_projections = torch.empty(projections.shape, dtype=real_dtype, device=device)
+        grad_projections[filter_spectrum.shape[0]:].zero_()  # the channels above the budget
         # The convolutions' adjoint: irfft's is the rFFT times 2/n, and 1/n at the two frequencies that appear once
         # (0 and n/2); the product with each filter's spectrum, its conjugate.
         adjoint_scale = torch.full((n_freq,), 2.0 / n_fft, dtype=real_dtype, device=device)
         adjoint_scale[[0, -1]] = 1.0 / n_fft
         adjoint_filters = filter_spectrum.conj() * adjoint_scale  # (k, F)
+        # The rFFT's input, zero-padded to n_fft once: each channel then writes only its first seq_len samples.
+        padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
+        padded[..., seq_len:].zero_()
         for start in range(0, filter_spectrum.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, filter_spectrum.shape[0])
             shape = (batch, end - start, hidden, seq_len)
@@ -151,9 +161,8 @@ class GatedSpectralChannels(torch.autograd.Function):
                 matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
             # 4. The input spectrum's gradient: each convolution's adjoint applied to d out / d conv.
             for j in range(start, end):
-                grad_conv = grad_features[:, j - start].mul_(weights[:, j, None])  # (B, D, T)
-                spectrum = torch.fft.rfft(grad_conv, n=n_fft)  # (B, D, F)
-                grad_u_spectrum.addcmul_(spectrum, adjoint_filters[j])
+                torch.mul(grad_features[:, j - start], weights[:, j, None], out=padded[..., :seq_len])  # d out / d conv
+                grad_u_spectrum.addcmul_(torch.fft.rfft(padded), adjoint_filters[j])  # (B, D, F)
         grad_weights, grad_projections = grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
         return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None
 

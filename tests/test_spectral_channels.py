@@ -48,6 +48,20 @@ def test_outputs_and_gradients_match_plain_autograd(k, chunk):
         torch.testing.assert_close(fast_inputs[index].grad / scale, expected / scale, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_projections_above_the_budget_get_an_exact_zero_gradient():
+    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
+    k = 3
+    whole = projections.clone().requires_grad_()
+    sliced = projections.clone().requires_grad_()
+    probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(3))
+    for projections_in in (whole, sliced[:k]):
+        torch.full(whole.shape, float("nan"))  # freed at once: the gradient's allocation is likely to reuse its NaNs
+        out = gated_spectral_channels(u_spectrum, filter_spectrum[:k], weights[:, :k], projections_in, 2.0, 12, 2)
+        (out * probe).sum().backward()
+    torch.testing.assert_close(whole.grad[:k], sliced.grad[:k], atol=0, rtol=0)
+    assert torch.equal(whole.grad[k:], torch.zeros_like(whole.grad[k:]))
+
+
 def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_not_alias_them():
     release_workspace()
     torch.manual_seed(0)
@@ -61,7 +75,7 @@ def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_no
 
     first = step(x)
     buffers = {key: flat.data_ptr() for key, flat in WORKSPACE.buffers.items()}
-    assert {name for name, _, _ in buffers} == {"features", "grad_features", "product"}
+    assert {name for name, _, _ in buffers} == {"features", "grad_features", "product", "spectrum", "padded"}
     spectral_grad = model.model.layers[0].mixer.spectral_proj.grad
     held = spectral_grad.clone()
     step(x.flip(0))  # different data through the same buffers
