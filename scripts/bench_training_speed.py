@@ -1,21 +1,26 @@
-"""Training speed as a user gets it: a plain `transformers.Trainer` in a plain Python process.
+"""Training speed and memory as a user gets them: a plain `transformers.Trainer` in a plain Python process.
 
 The reference ES-SSM LM (D=256, 8 layers, K=32, trained at its full budget) with the convolutions kept for
 backward or recomputed (`spectral_recompute`), against the parameter-matched Llama (SDPA) and Mamba (with the
 `mambapy` package's parallel scan) of scripts/bench_forward.py, and both ES-SSM paths once more with glibc keeping
 freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our commands turn on):
 
-    python scripts/bench_training_speed.py --lengths 1024 2048 4096 --output docs/training_speed.json
+    python scripts/bench_training_speed.py --lengths 512 1024 2048 4096 --output docs/training_speed.json
 
 Mamba's steps take 36 s to 2.2 minutes each on one CPU thread at these lengths; `--systems` runs a subset.
 
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
-batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported.
+batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported, with the
+peak resident memory the training added to the process (its high-water mark less its size before training). This
+machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per round, in an order
+rotated from round to round, and each system's ratio to `--reference` is taken within a round (the two ran minutes
+apart) before its median over rounds.
 """
 
 import argparse
 import json
 import multiprocessing
+import resource
 import statistics
 import sys
 import time
@@ -70,34 +75,78 @@ def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) 
             self.seconds.append(time.perf_counter() - self.start)
 
     times = StepTimes()
+    resident_before = resident_mb()
     arguments = TrainingArguments(output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=1,
                                   learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
                                   logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     Trainer(model=model.train(), args=arguments, train_dataset=data, callbacks=[times]).train()
     seconds = statistics.median(times.seconds[1:])  # the first step warms up
+    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - resident_before  # ru_maxrss: kB
     return {"system": system, "seq_len": seq_len, "parameters": model.num_parameters(), "seconds_per_step": seconds,
-            "tokens_per_s": seq_len / seconds}
+            "tokens_per_s": seq_len / seconds, "peak_resident_growth_mb": peak_growth}
+
+
+def resident_mb() -> float:
+    """The calling process's resident memory now, in MB (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def rotated(systems: list[str], round_index: int) -> list[str]:
+    """The systems in the order of round `round_index`: each round starts one system later than the one before."""
+    shift = round_index % len(systems)
+    return systems[shift:] + systems[:shift]
+
+
+def summarize(runs: list[dict], reference: str | None) -> list[dict]:
+    """One row per system and length from the runs of every round: medians over rounds of the step time, tokens/s
+    and peak growth, and the median over rounds of tokens/s divided by `reference`'s in the same round."""
+    rows = []
+    for seq_len in dict.fromkeys(run["seq_len"] for run in runs):
+        at_length = [run for run in runs if run["seq_len"] == seq_len]
+        reference_rate = {run["round"]: run["tokens_per_s"] for run in at_length if run["system"] == reference}
+        for system in dict.fromkeys(run["system"] for run in at_length):
+            own = [run for run in at_length if run["system"] == system]
+            row = {"system": system, "seq_len": seq_len, "parameters": own[0]["parameters"], "rounds": len(own)}
+            for key in ("seconds_per_step", "tokens_per_s", "peak_resident_growth_mb"):
+                row[key] = statistics.median(run[key] for run in own)
+            ratios = [run["tokens_per_s"] / reference_rate[run["round"]] for run in own if run["round"] in reference_rate]
+            if ratios and system != reference:
+                row |= {"ratio_to_reference": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
+            rows.append(row)
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every system per length (default: 3)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--reference", default="Llama (SDPA)", choices=list(SYSTEMS),
+                        help="the system the others' tokens/s are divided by, round by round, when it runs")
+    parser.add_argument("--output", help="write the rows and every run as JSON here")
     parser.add_argument("--trainer-dir", default="/tmp/bench_training_speed", help="the Trainer's output_dir (nothing is saved)")
     args = parser.parse_args()
-    rows = []
+    if args.steps < 1 or args.rounds < 1:
+        parser.error(f"--steps and --rounds must be at least 1, got {args.steps} and {args.rounds}")
+    runs = []
     context = multiprocessing.get_context("spawn")  # a fresh process: no allocator history, no switch carried over
     for seq_len in args.lengths:
-        for system in args.systems:
-            with context.Pool(1) as pool:
-                row = pool.apply(median_step_seconds, (system, seq_len, args.steps, args.trainer_dir))
-            rows.append(row)
-            print(f"L={seq_len:>5} {system:34} {row['parameters'] / 1e6:6.2f}M params  "
-                  f"{row['seconds_per_step']:6.2f} s/step  {row['tokens_per_s']:7.0f} tokens/s", flush=True)
+        for round_index in range(args.rounds):
+            for system in rotated(args.systems, round_index):
+                with context.Pool(1) as pool:
+                    run = pool.apply(median_step_seconds, (system, seq_len, args.steps, args.trainer_dir))
+                runs.append(run | {"round": round_index})
+                print(f"L={seq_len:>5} round {round_index} {system:40} {run['parameters'] / 1e6:6.2f}M params  "
+                      f"{run['seconds_per_step']:6.2f} s/step  {run['tokens_per_s']:7.0f} tokens/s  "
+                      f"peak +{run['peak_resident_growth_mb']:6.0f} MB", flush=True)
+    rows = summarize(runs, args.reference)
+    for row in rows:
+        ratio = f"  {row['ratio_to_reference']:.2f}x {args.reference}" if "ratio_to_reference" in row else ""
+        print(f"L={row['seq_len']:>5} {row['system']:40} {row['tokens_per_s']:7.0f} tokens/s{ratio}")
     if args.output:
-        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
+        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": rows, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

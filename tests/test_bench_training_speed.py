@@ -1,0 +1,39 @@
+"""scripts/bench_training_speed.py: the rounds' order and the per-round ratios of its summary."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_training_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_training_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_round_starts_one_system_later(bench):
+    systems = ["a", "b", "c"]
+    assert [bench.rotated(systems, r) for r in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                             ["a", "b", "c"]]
+
+
+def test_ratios_are_taken_within_a_round_before_the_median(bench):
+    # Paired by round the model runs at 1.2x, 0.5x and 1.2x the reference: median 1.2x, where dividing the two
+    # systems' medians (150 and 150 tokens/s) would give 1.0x.
+    def run(system, round_index, rate):
+        return {"system": system, "seq_len": 64, "round": round_index, "parameters": 7, "tokens_per_s": rate,
+                "seconds_per_step": 64 / rate, "peak_resident_growth_mb": rate / 10}
+
+    runs = [run("ref", 0, 100), run("model", 0, 120), run("ref", 1, 300), run("model", 1, 150), run("ref", 2, 150),
+            run("model", 2, 180)]
+    rows = {row["system"]: row for row in bench.summarize(runs, "ref")}
+    assert rows["model"]["ratio_to_reference"] == pytest.approx(1.2)
+    assert rows["model"]["ratio_range"] == pytest.approx([0.5, 1.2])
+    assert rows["model"]["tokens_per_s"] == 150 and rows["model"]["rounds"] == 3
+    assert rows["model"]["peak_resident_growth_mb"] == pytest.approx(15)
+    assert "ratio_to_reference" not in rows["ref"]
