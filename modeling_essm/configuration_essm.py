@@ -94,12 +94,12 @@ class ESSSMConfig(PreTrainedConfig):
             convolution output within this many MB, so that inference memory stops growing with the budget
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
-            backward instead of keeping them (one autograd Function, spectral_channels.py: it saves the input
-            spectrum, the gate and the projections, runs the FFTs one channel at a time and keeps each chunk's
+            backward instead of keeping them (two custom operators, spectral_channels.py: forward saves the input
+            spectrum, the gate and the projections, both run the FFTs one channel at a time and keep each chunk's
             features in buffers that all layers and steps reuse), so that activation memory does not grow with the
-            budget. Set it to False to keep them (plain autograd, chunks of under 30 MB): memory then grows in
-            proportion to the budget, for about the same speed (docs/performance.md). Outputs and gradients are
-            the same. Compiled models (torch.compile) keep the convolutions, in one chunk.
+            budget, compiled (torch.compile) or not. Set it to False to keep them (plain autograd, chunks of under
+            30 MB; one chunk when compiled): memory then grows in proportion to the budget, for about the same
+            speed (docs/performance.md). Outputs and gradients are the same.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).

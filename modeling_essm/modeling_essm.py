@@ -202,7 +202,7 @@ class ESSSMSpectralMixer(nn.Module):
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
         filter_spectrum = filter_spectrum[:spectral_budget]
-        if self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.recompute and torch.is_grad_enabled():
             # Training: recomputed in backward instead of kept, in reused buffers (spectral_channels.py).
             max_bytes = min(self.chunk_bytes, RECOMPUTED_CHUNK_BYTES)
             chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, max_bytes)
@@ -237,8 +237,8 @@ class ESSSMSpectralMixer(nn.Module):
         return max(1, min(self.chunk_size, int(max_bytes // bytes_per_channel)))
 
     def autograd_channels(self, u_spectrum, filter_spectrum, weights, seq_len: int) -> torch.Tensor:
-        """The gated channels in plain autograd, for inference, for torch.compile, and for training that keeps the
-        convolutions for backward (`spectral_recompute=False`): (B, D, T) float32.
+        """The gated channels in plain autograd, for inference and for training that keeps the convolutions for
+        backward (`spectral_recompute=False`), compiled or not: (B, D, T) float32.
 
         At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. Kept for training,
         each chunk's temporaries stay under glibc's largest mmap threshold, so that freed ones are reused instead of

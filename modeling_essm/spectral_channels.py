@@ -1,4 +1,4 @@
-"""The gated spectral channels of the ES-SSM mixer in training, as one autograd Function.
+"""The gated spectral channels of the ES-SSM mixer in training: a forward and a backward that recomputes.
 
     out(t) = sum_j a_j(t) * (phi_j * u)(t) M_j        (B, D, T), over the active channels j, chunk by chunk
 
@@ -12,22 +12,23 @@ chunk's convolutions but not its projection GEMM. Two costs go away:
   when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
   kernel as pages it zeroes again at every allocation.
 
-`modeling_essm.ESSSMSpectralMixer.project_channels` is the same computation in plain autograd (the kept path, and
-what torch.compile traces); tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
+Both are custom operators (`torch.library.custom_op`), which torch.compile keeps whole in its graphs.
+`modeling_essm.ESSSMSpectralMixer.project_channels` is the same computation in plain autograd (the kept path and
+inference); tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
 """
 
 import math
+import re
 import threading
 
 import torch
-from torch.autograd.function import once_differentiable
 
 
 class ChunkWorkspace(threading.local):
     """Flat buffers, one per (name, dtype, device) and per thread, grown to the largest chunk seen and then reused.
 
-    A chunk's intermediates live here only while one forward or backward of `GatedSpectralChannels` runs, so every
-    mixer of a model (and every model on the thread) can share them.
+    A chunk's intermediates live here only while one forward or backward of `gated_spectral_channels` runs, so
+    every mixer of a model (and every model on the thread) can share them.
     """
 
     def __init__(self):
@@ -82,7 +83,12 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
     return gemm(a, b, beta=1 if accumulate else 0, alpha=alpha)
 
 
-class GatedSpectralChannels(torch.autograd.Function):
+# Named after this module, so that a copy loaded as remote code (trust_remote_code) registers operators of its own.
+OPERATOR_PREFIX = "essm::" + re.sub(r"\W", "_", __name__)
+
+
+def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int,
+                            chunk: int) -> torch.Tensor:
     """sum_j a_j(t) (phi_j * u)(t) M_j over k channels, `chunk` at a time: (B, D, T), time last.
 
     u_spectrum (B, D, F): rFFT of the inputs, time last, at the FFT size 2 * (F - 1) >= 2T (complex64, or
@@ -93,81 +99,106 @@ class GatedSpectralChannels(torch.autograd.Function):
         past k get a zero gradient: the whole parameter, not its slice, spares autograd the slice's backward (a
         zeroed (K, D, D) copy per layer).
     Under autocast the projections' GEMMs run in its dtype and the FFTs and the sum stay in full precision, as in
-    `project_channels`.
+    `project_channels`; the dtype is read here, where torch.compile sees it, and handed to the operators.
     """
-
-    @staticmethod
-    def forward(ctx, u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int, chunk: int):
-        if filter_spectrum.requires_grad:
-            raise ValueError("GatedSpectralChannels takes fixed filters: filter_spectrum must not require grad.")
-        batch, hidden = u_spectrum.shape[:2]
-        device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
-        autocast = torch.is_autocast_enabled(device.type)
-        gemm_dtype = torch.get_autocast_dtype(device.type) if autocast else real_dtype
-        out = torch.zeros(batch, hidden, seq_len, dtype=real_dtype, device=device)
-        for start in range(0, filter_spectrum.shape[0], chunk):
-            end = min(start + chunk, filter_spectrum.shape[0])
-            features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
-            for j in range(start, end):  # a_j(t) (phi_j * u)(t), straight from the inverse FFT
-                conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
-                torch.mul(conv, weights[:, j, None], out=features[:, j - start])
-            # M^T @ features, time last (see project_channels for why this orientation).
-            mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
-            lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
-            matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=True)
-        ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections)
-        ctx.multiplier, ctx.chunk, ctx.gemm_dtype = multiplier, chunk, gemm_dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        u_spectrum, filter_spectrum, weights, projections = ctx.saved_tensors
-        batch, hidden, n_freq = u_spectrum.shape
-        seq_len, n_fft, dtype, multiplier = grad_out.shape[-1], 2 * (n_freq - 1), ctx.gemm_dtype, ctx.multiplier
-        device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
-        grad_out_lowered = grad_out.to(dtype)  # (B, D, T)
-        grad_u_spectrum = torch.zeros_like(u_spectrum)
-        grad_weights = torch.empty(weights.shape, dtype=real_dtype, device=device)
-        grad_projections = torch.empty(projections.shape, dtype=real_dtype, device=device)
-        grad_projections[filter_spectrum.shape[0]:].zero_()  # the channels above the budget
-        # The convolutions' adjoint: irfft's is the rFFT times 2/n, and 1/n at the two frequencies that appear once
-        # (0 and n/2); the product with each filter's spectrum, its conjugate.
-        adjoint_scale = torch.full((n_freq,), 2.0 / n_fft, dtype=real_dtype, device=device)
-        adjoint_scale[[0, -1]] = 1.0 / n_fft
-        adjoint_filters = filter_spectrum.conj() * adjoint_scale  # (k, F)
-        # The rFFT's input, zero-padded to n_fft once: each channel then writes only its first seq_len samples.
-        padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
-        padded[..., seq_len:].zero_()
-        for start in range(0, filter_spectrum.shape[0], ctx.chunk):
-            end = min(start + ctx.chunk, filter_spectrum.shape[0])
-            shape = (batch, end - start, hidden, seq_len)
-            # 1. d out / d features = M @ grad_out.
-            grad_features = WORKSPACE.get("grad_features", shape, real_dtype, device)
-            mixing = projections[start:end].reshape(-1, hidden).to(dtype)  # (c*D, D)
-            matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
-            # 2. The chunk's convolutions, recomputed, give the gate's gradient (their product with grad_features
-            # summed over D) and, weighted by the gate, the features.
-            features = WORKSPACE.get("features", shape, real_dtype, device)
-            product = WORKSPACE.get("product", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
-            for j in range(start, end):
-                conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
-                torch.sum(torch.mul(conv, grad_features[:, j - start], out=product), dim=1, out=grad_weights[:, j])
-                torch.mul(conv, weights[:, j, None], out=features[:, j - start])
-            # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
-            lowered = in_dtype(features.flatten(1, 2), dtype, "lowered")  # (B, c*D, T)
-            grad_mixing = grad_projections[start:end].view(-1, hidden)  # (c*D, D)
-            for b in range(batch):
-                matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
-            # 4. The input spectrum's gradient: each convolution's adjoint applied to d out / d conv.
-            for j in range(start, end):
-                torch.mul(grad_features[:, j - start], weights[:, j, None], out=padded[..., :seq_len])  # d out / d conv
-                grad_u_spectrum.addcmul_(torch.fft.rfft(padded), adjoint_filters[j])  # (B, D, F)
-        grad_weights, grad_projections = grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
-        return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None
+    if filter_spectrum.requires_grad:
+        raise ValueError("gated_spectral_channels takes fixed filters: filter_spectrum must not require grad.")
+    device_type = u_spectrum.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u_spectrum.real.dtype
+    return gated_channels(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, gemm_dtype)
 
 
-def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int,
-                            chunk: int) -> torch.Tensor:
-    """`GatedSpectralChannels` applied: see its docstring for the arguments."""
-    return GatedSpectralChannels.apply(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk)
+@torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels", mutates_args=())
+def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weights: torch.Tensor,
+                   projections: torch.Tensor, multiplier: float, seq_len: int, chunk: int,
+                   gemm_dtype: torch.dtype) -> torch.Tensor:
+    """The forward of `gated_spectral_channels`, its projections' GEMMs in `gemm_dtype`."""
+    batch, hidden = u_spectrum.shape[:2]
+    device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
+    out = torch.zeros(batch, hidden, seq_len, dtype=real_dtype, device=device)
+    for start in range(0, filter_spectrum.shape[0], chunk):
+        end = min(start + chunk, filter_spectrum.shape[0])
+        features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
+        for j in range(start, end):  # a_j(t) (phi_j * u)(t), straight from the inverse FFT
+            conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+            torch.mul(conv, weights[:, j, None], out=features[:, j - start])
+        # M^T @ features, time last (see project_channels for why this orientation).
+        mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
+        lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
+        matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=True)
+    return out
+
+
+@gated_channels.register_fake
+def _(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, gemm_dtype):
+    return u_spectrum.new_empty(*u_spectrum.shape[:2], seq_len, dtype=u_spectrum.real.dtype)
+
+
+@torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels_backward", mutates_args=())
+def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor,
+                            weights: torch.Tensor, projections: torch.Tensor, multiplier: float, chunk: int,
+                            gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `gated_channels` for u_spectrum, weights and projections, its convolutions recomputed."""
+    batch, hidden, n_freq = u_spectrum.shape
+    seq_len, n_fft = grad_out.shape[-1], 2 * (n_freq - 1)
+    device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
+    grad_out_lowered = grad_out.to(gemm_dtype)  # (B, D, T)
+    grad_u_spectrum = torch.zeros_like(u_spectrum)
+    grad_weights = torch.empty(weights.shape, dtype=real_dtype, device=device)
+    grad_projections = torch.empty(projections.shape, dtype=real_dtype, device=device)
+    grad_projections[filter_spectrum.shape[0]:].zero_()  # the channels above the budget
+    # The convolutions' adjoint: irfft's is the rFFT times 2/n, and 1/n at the two frequencies that appear once
+    # (0 and n/2); the product with each filter's spectrum, its conjugate.
+    adjoint_scale = torch.full((n_freq,), 2.0 / n_fft, dtype=real_dtype, device=device)
+    adjoint_scale[[0, -1]] = 1.0 / n_fft
+    adjoint_filters = filter_spectrum.conj() * adjoint_scale  # (k, F)
+    # The rFFT's input, zero-padded to n_fft once: each channel then writes only its first seq_len samples.
+    padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
+    padded[..., seq_len:].zero_()
+    for start in range(0, filter_spectrum.shape[0], chunk):
+        end = min(start + chunk, filter_spectrum.shape[0])
+        shape = (batch, end - start, hidden, seq_len)
+        # 1. d out / d features = M @ grad_out.
+        grad_features = WORKSPACE.get("grad_features", shape, real_dtype, device)
+        mixing = projections[start:end].reshape(-1, hidden).to(gemm_dtype)  # (c*D, D)
+        matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
+        # 2. The chunk's convolutions, recomputed, give the gate's gradient (their product with grad_features
+        # summed over D) and, weighted by the gate, the features.
+        features = WORKSPACE.get("features", shape, real_dtype, device)
+        product = WORKSPACE.get("product", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
+        for j in range(start, end):
+            conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+            torch.sum(torch.mul(conv, grad_features[:, j - start], out=product), dim=1, out=grad_weights[:, j])
+            torch.mul(conv, weights[:, j, None], out=features[:, j - start])
+        # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
+        lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
+        grad_mixing = grad_projections[start:end].view(-1, hidden)  # (c*D, D)
+        for b in range(batch):
+            matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
+        # 4. The input spectrum's gradient: each convolution's adjoint applied to d out / d conv.
+        for j in range(start, end):
+            torch.mul(grad_features[:, j - start], weights[:, j, None], out=padded[..., :seq_len])  # d out / d conv
+            grad_u_spectrum.addcmul_(torch.fft.rfft(padded), adjoint_filters[j])  # (B, D, F)
+    grad_weights, grad_projections = grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
+    return grad_u_spectrum, grad_weights, grad_projections
+
+
+@gated_channels_backward.register_fake
+def _(grad_out, u_spectrum, filter_spectrum, weights, projections, multiplier, chunk, gemm_dtype):
+    return torch.empty_like(u_spectrum), torch.empty_like(weights), torch.empty_like(projections)
+
+
+def save_for_recomputation(ctx, inputs, output):
+    u_spectrum, filter_spectrum, weights, projections, multiplier, _, chunk, gemm_dtype = inputs
+    ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections)
+    ctx.settings = multiplier, chunk, gemm_dtype
+
+
+def recomputing_backward(ctx, grad_out):
+    grad_u_spectrum, grad_weights, grad_projections = gated_channels_backward(grad_out, *ctx.saved_tensors,
+                                                                              *ctx.settings)
+    return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None, None
+
+
+gated_channels.register_autograd(recomputing_backward, setup_context=save_for_recomputation)

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from conftest import tiny_config
+from torch._dynamo.testing import EagerAndRecordGraphs
 from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -17,7 +18,7 @@ from modeling_essm.budget import default_budget_grid
 from modeling_essm.modeling_essm import ESSSMSpectralMixer, fft_length
 from modeling_essm.cache_essm import ESSSMCacheLayer
 from modeling_essm.naive import naive_mixer
-from modeling_essm.spectral_channels import gated_spectral_channels
+from modeling_essm.spectral_channels import gated_channels, gated_spectral_channels
 
 K = 16  # num_spectral_filters of tiny_config
 
@@ -543,7 +544,17 @@ def test_torch_compile_training_step_matches_eager():
     results, graphs = compile_across_the_grid(model, loss_and_grad, "aot_eager")
     for k, (compiled, eager) in results.items():
         torch.testing.assert_close(compiled, eager, msg=f"budget {k}")
-    assert graphs < len(results)  # under autograd every budget is one chunk
+    assert graphs < len(results)  # the recomputing operator takes the budget as a shape, not a number of chunks
+
+
+def test_compiled_training_recomputes_through_the_custom_operator():
+    model = ESSSMForCausalLM(tiny_config(spectral_recompute=True)).train()
+    x = tokens(seq_len=48)
+    torch._dynamo.reset()
+    backend = EagerAndRecordGraphs()
+    torch.compile(model, backend=backend, fullgraph=True)(x, labels=x, spectral_budget=7).loss.backward()
+    called = {node.target for graph in backend.graphs for node in graph.graph.nodes}
+    assert gated_channels._opoverload in called  # inside the graph: no break, and no plain autograd fallback
 
 
 def test_auto_classes_resolve_to_essm(config, tmp_path):
