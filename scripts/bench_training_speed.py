@@ -13,8 +13,8 @@ Each system and length runs in a fresh process with one thread: a Trainer on ran
 batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported, with the
 peak resident memory the training added to the process (its high-water mark less its size before training). This
 machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per round, in an order
-rotated from round to round, and each system's ratio to `--reference` is taken within a round (the two ran minutes
-apart) before its median over rounds.
+rotated from round to round, and each system's ratio to each of `--references` is taken within a round (the two
+ran minutes apart) before its median over rounds.
 """
 
 import argparse
@@ -98,21 +98,25 @@ def rotated(systems: list[str], round_index: int) -> list[str]:
     return systems[shift:] + systems[:shift]
 
 
-def summarize(runs: list[dict], reference: str | None) -> list[dict]:
+def summarize(runs: list[dict], references: list[str]) -> list[dict]:
     """One row per system and length from the runs of every round: medians over rounds of the step time, tokens/s
-    and peak growth, and the median over rounds of tokens/s divided by `reference`'s in the same round."""
+    and peak growth, and for each of `references` the median (and range) over rounds of tokens/s divided by that
+    reference's in the same round."""
     rows = []
     for seq_len in dict.fromkeys(run["seq_len"] for run in runs):
         at_length = [run for run in runs if run["seq_len"] == seq_len]
-        reference_rate = {run["round"]: run["tokens_per_s"] for run in at_length if run["system"] == reference}
+        rates = {(run["system"], run["round"]): run["tokens_per_s"] for run in at_length}
         for system in dict.fromkeys(run["system"] for run in at_length):
             own = [run for run in at_length if run["system"] == system]
             row = {"system": system, "seq_len": seq_len, "parameters": own[0]["parameters"], "rounds": len(own)}
             for key in ("seconds_per_step", "tokens_per_s", "peak_resident_growth_mb"):
                 row[key] = statistics.median(run[key] for run in own)
-            ratios = [run["tokens_per_s"] / reference_rate[run["round"]] for run in own if run["round"] in reference_rate]
-            if ratios and system != reference:
-                row |= {"ratio_to_reference": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
+            row["ratios"] = {}
+            for reference in references:
+                paired = [run["tokens_per_s"] / rates[reference, run["round"]] for run in own
+                          if (reference, run["round"]) in rates]
+                if paired and reference != system:
+                    row["ratios"][reference] = {"median": statistics.median(paired), "range": [min(paired), max(paired)]}
             rows.append(row)
     return rows
 
@@ -123,8 +127,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (default: 3)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every system per length (default: 3)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--reference", default="Llama (SDPA)", choices=list(SYSTEMS),
-                        help="the system the others' tokens/s are divided by, round by round, when it runs")
+    parser.add_argument("--references", nargs="+", default=["Llama (SDPA)"], choices=list(SYSTEMS),
+                        help="the systems the others' tokens/s are divided by, round by round, when they run")
     parser.add_argument("--output", help="write the rows and every run as JSON here")
     parser.add_argument("--trainer-dir", default="/tmp/bench_training_speed", help="the Trainer's output_dir (nothing is saved)")
     args = parser.parse_args()
@@ -141,10 +145,10 @@ def main():
                 print(f"L={seq_len:>5} round {round_index} {system:40} {run['parameters'] / 1e6:6.2f}M params  "
                       f"{run['seconds_per_step']:6.2f} s/step  {run['tokens_per_s']:7.0f} tokens/s  "
                       f"peak +{run['peak_resident_growth_mb']:6.0f} MB", flush=True)
-    rows = summarize(runs, args.reference)
+    rows = summarize(runs, args.references)
     for row in rows:
-        ratio = f"  {row['ratio_to_reference']:.2f}x {args.reference}" if "ratio_to_reference" in row else ""
-        print(f"L={row['seq_len']:>5} {row['system']:40} {row['tokens_per_s']:7.0f} tokens/s{ratio}")
+        ratios = "".join(f"  {ratio['median']:.2f}x {name}" for name, ratio in row["ratios"].items())
+        print(f"L={row['seq_len']:>5} {row['system']:40} {row['tokens_per_s']:7.0f} tokens/s{ratios}")
     if args.output:
         Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": rows, "runs": runs}, indent=2) + "\n")
 

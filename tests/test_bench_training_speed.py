@@ -31,9 +31,10 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
 
     runs = [run("ref", 0, 100), run("model", 0, 120), run("ref", 1, 300), run("model", 1, 150), run("ref", 2, 150),
             run("model", 2, 180)]
-    rows = {row["system"]: row for row in bench.summarize(runs, "ref")}
-    assert rows["model"]["ratio_to_reference"] == pytest.approx(1.2)
-    assert rows["model"]["ratio_range"] == pytest.approx([0.5, 1.2])
+    rows = {row["system"]: row for row in bench.summarize(runs, ["ref", "model"])}
+    assert rows["model"]["ratios"]["ref"]["median"] == pytest.approx(1.2)
+    assert rows["model"]["ratios"]["ref"]["range"] == pytest.approx([0.5, 1.2])
+    assert rows["ref"]["ratios"]["model"]["median"] == pytest.approx(1 / 1.2)
     assert rows["model"]["tokens_per_s"] == 150 and rows["model"]["rounds"] == 3
     assert rows["model"]["peak_resident_growth_mb"] == pytest.approx(15)
-    assert "ratio_to_reference" not in rows["ref"]
+    assert "model" not in rows["model"]["ratios"]  # not against itself
