@@ -12,7 +12,7 @@ chunk's convolutions but not its projection GEMM. Two costs go away:
   when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
   kernel as pages it zeroes again at every allocation.
 
-Both are custom operators (`torch.library.custom_op`), which torch.compile keeps whole in its graphs.
+Forward and backward are custom operators (`torch.library.custom_op`), which torch.compile keeps whole in its graphs.
 `modeling_essm.ESSSMSpectralMixer.project_channels` is the same computation in plain autograd (the kept path and
 inference); tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
 """
@@ -58,13 +58,11 @@ def channel_convolution(u_spectrum, channel_spectrum, seq_len: int) -> torch.Ten
     """(phi_j * u)(t) of one channel, t < seq_len: (B, D, F) x (F,) -> (B, D, seq_len), a view of the inverse FFT.
 
     One channel at a time keeps each transform's input and output (a few MB) in cache. The spectra's product goes
-    into a reused buffer: allocated afresh, it ran 2-5x slower in a plain process (pages the kernel zeroes); the
+    into a reused buffer: allocated afresh, it ran up to 5x slower in a training step (pages the kernel zeroes); the
     FFTs allocate their outputs themselves (given `out=`, they copy into it, which was slower still)."""
-    batch, hidden, n_freq = u_spectrum.shape
-    n_fft, device = 2 * (n_freq - 1), u_spectrum.device
-    spectrum = torch.mul(u_spectrum, channel_spectrum,
-                         out=WORKSPACE.get("spectrum", u_spectrum.shape, u_spectrum.dtype, device))
-    return torch.fft.irfft(spectrum, n=n_fft)[..., :seq_len]
+    reused = WORKSPACE.get("spectrum", u_spectrum.shape, u_spectrum.dtype, u_spectrum.device)
+    spectrum = torch.mul(u_spectrum, channel_spectrum, out=reused)  # (B, D, F)
+    return torch.fft.irfft(spectrum, n=2 * (u_spectrum.shape[-1] - 1))[..., :seq_len]
 
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
