@@ -7,7 +7,8 @@ freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our comm
 
     python scripts/bench_training_speed.py --lengths 512 1024 2048 4096 --output docs/training_speed.json
 
-Mamba's steps take 36 s to 2.2 minutes each on one CPU thread at these lengths; `--systems` runs a subset.
+Mamba's steps take 6 s to 2.7 minutes each on one CPU thread at 512 to 4,096 tokens (and 17 GB at 4,096);
+`--systems` runs a subset.
 
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
 batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported, with the
@@ -134,6 +135,8 @@ def main():
     args = parser.parse_args()
     if args.steps < 1 or args.rounds < 1:
         parser.error(f"--steps and --rounds must be at least 1, got {args.steps} and {args.rounds}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        parser.error(f"--output {args.output}: its folder does not exist")  # found now, not after the runs
     runs = []
     context = multiprocessing.get_context("spawn")  # a fresh process: no allocator history, no switch carried over
     for seq_len in args.lengths:

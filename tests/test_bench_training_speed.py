@@ -38,3 +38,13 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
     assert rows["model"]["tokens_per_s"] == 150 and rows["model"]["rounds"] == 3
     assert rows["model"]["peak_resident_growth_mb"] == pytest.approx(15)
     assert "model" not in rows["model"]["ratios"]  # not against itself
+
+
+@pytest.mark.parametrize("flags, message", [(["--rounds", "0"], "at least 1"),
+                                            (["--output", "/no/such/folder/speed.json"], "does not exist")])
+def test_bad_arguments_stop_before_any_run(bench, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(bench, "median_step_seconds", lambda *args: pytest.fail("a system ran"))
+    monkeypatch.setattr("sys.argv", ["bench_training_speed.py", *flags])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and message in capsys.readouterr().err
