@@ -50,7 +50,10 @@ WORKSPACE = ChunkWorkspace()
 
 
 def release_workspace():
-    """Frees the calling thread's reused chunk buffers (they are made again, at their size, on the next call)."""
+    """Frees the calling thread's reused chunk buffers (they are made again, at their size, on the next call).
+
+    On CUDA, autograd runs backward on a thread of its own, whose buffers a call from the training loop does not reach.
+    """
     WORKSPACE.clear()
 
 
@@ -101,6 +104,10 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     """
     if filter_spectrum.requires_grad:
         raise ValueError("gated_spectral_channels takes fixed filters: filter_spectrum must not require grad.")
+    k = filter_spectrum.shape[0]
+    if weights.shape[1] != k or projections.shape[0] < k:
+        raise ValueError(f"gated_spectral_channels: {k} filters need {k} gate weights per token (got "
+                         f"{weights.shape[1]}) and at least {k} projections (got {projections.shape[0]}).")
     device_type = u_spectrum.device.type
     autocast = torch.is_autocast_enabled(device_type)
     gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u_spectrum.real.dtype
@@ -150,7 +157,8 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
     # (0 and n/2); the product with each filter's spectrum, its conjugate.
     adjoint_scale = torch.full((n_freq,), 2.0 / n_fft, dtype=real_dtype, device=device)
     adjoint_scale[[0, -1]] = 1.0 / n_fft
-    adjoint_filters = filter_spectrum.conj() * adjoint_scale  # (k, F)
+    # conj_physical, not conj: a lazy conjugate bit is lost when compiled autograd runs this operator in a graph.
+    adjoint_filters = filter_spectrum.conj_physical() * adjoint_scale  # (k, F)
     # The rFFT's input, zero-padded to n_fft once: each channel then writes only its first seq_len samples.
     padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
     padded[..., seq_len:].zero_()
@@ -164,10 +172,10 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
         # 2. The chunk's convolutions, recomputed, give the gate's gradient (their product with grad_features
         # summed over D) and, weighted by the gate, the features.
         features = WORKSPACE.get("features", shape, real_dtype, device)
-        product = WORKSPACE.get("product", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
+        gate_terms = WORKSPACE.get("gate_terms", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
         for j in range(start, end):
             conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
-            torch.sum(torch.mul(conv, grad_features[:, j - start], out=product), dim=1, out=grad_weights[:, j])
+            torch.sum(torch.mul(conv, grad_features[:, j - start], out=gate_terms), dim=1, out=grad_weights[:, j])
             torch.mul(conv, weights[:, j, None], out=features[:, j - start])
         # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
         lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
@@ -184,7 +192,7 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
 
 @gated_channels_backward.register_fake
 def _(grad_out, u_spectrum, filter_spectrum, weights, projections, multiplier, chunk, gemm_dtype):
-    return torch.empty_like(u_spectrum), torch.empty_like(weights), torch.empty_like(projections)
+    return tuple(x.new_empty(x.shape) for x in (u_spectrum, weights, projections))  # contiguous, as the real ones
 
 
 def save_for_recomputation(ctx, inputs, output):

@@ -530,9 +530,10 @@ def test_torch_compile_has_no_graph_breaks_and_few_graphs_across_budgets():
     assert graphs <= 1 + math.ceil(K / 4) < len(results)
 
 
-def test_torch_compile_training_step_matches_eager():
+@pytest.mark.parametrize("recompute", [True, False], ids=["recomputed", "kept"])
+def test_torch_compile_training_step_matches_eager(recompute):
     torch.manual_seed(0)
-    model = ESSSMForCausalLM(tiny_config(hidden_dropout=0.0)).train()
+    model = ESSSMForCausalLM(tiny_config(hidden_dropout=0.0, spectral_recompute=recompute)).train()
     x = tokens(seq_len=48)
 
     def loss_and_grad(module, k):
@@ -544,7 +545,9 @@ def test_torch_compile_training_step_matches_eager():
     results, graphs = compile_across_the_grid(model, loss_and_grad, "aot_eager")
     for k, (compiled, eager) in results.items():
         torch.testing.assert_close(compiled, eager, msg=f"budget {k}")
-    assert graphs < len(results)  # the recomputing operator takes the budget as a shape, not a number of chunks
+    # Either way the budget becomes a dynamic shape after the first graph: the operators take it as one, and compiled
+    # kept training runs one chunk.
+    assert graphs <= 3 < len(results)
 
 
 def test_compiled_training_recomputes_through_the_custom_operator():

@@ -1,4 +1,4 @@
-"""The recomputing autograd Function of the mixer's gated channels against gradcheck and plain autograd."""
+"""The recomputing operators of the mixer's gated channels against gradcheck, opcheck and plain autograd."""
 
 import pytest
 import torch
@@ -6,7 +6,8 @@ from conftest import tiny_config
 
 from modeling_essm import ESSSMForCausalLM
 from modeling_essm.modeling_essm import ESSSMSpectralMixer, fft_length
-from modeling_essm.spectral_channels import WORKSPACE, gated_spectral_channels, release_workspace
+from modeling_essm.spectral_channels import (WORKSPACE, gated_channels, gated_channels_backward, gated_spectral_channels,
+                                             release_workspace)
 
 
 def channel_inputs(batch, hidden, seq_len, k, dtype=torch.float32, seed=0):
@@ -54,12 +55,36 @@ def test_projections_above_the_budget_get_an_exact_zero_gradient():
     whole = projections.clone().requires_grad_()
     sliced = projections.clone().requires_grad_()
     probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(3))
-    for projections_in in (whole, sliced[:k]):
-        torch.full(whole.shape, float("nan"))  # freed at once: the gradient's allocation is likely to reuse its NaNs
-        out = gated_spectral_channels(u_spectrum, filter_spectrum[:k], weights[:, :k], projections_in, 2.0, 12, 2)
-        (out * probe).sum().backward()
+    torch.use_deterministic_algorithms(True)  # which fills uninitialised memory with NaN: an unwritten row shows
+    try:
+        for projections_in in (whole, sliced[:k]):
+            out = gated_spectral_channels(u_spectrum, filter_spectrum[:k], weights[:, :k], projections_in, 2.0, 12, 2)
+            (out * probe).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
     torch.testing.assert_close(whole.grad[:k], sliced.grad[:k], atol=0, rtol=0)
     assert torch.equal(whole.grad[k:], torch.zeros_like(whole.grad[k:]))
+
+
+def test_operators_pass_opcheck():
+    """Schema, autograd registration, fake tensors (shapes and strides, a permuted gate included) and AOT dispatch."""
+    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
+    settings = (2.0, 2, torch.float32)  # multiplier, chunk, GEMM dtype
+    inputs = (u_spectrum.requires_grad_(), filter_spectrum, weights.requires_grad_(), projections.requires_grad_())
+    torch.library.opcheck(gated_channels, (*inputs, 2.0, 12, 2, torch.float32))
+    grad_out = torch.randn(2, 8, 12)
+    permuted_gate = weights.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    for gate in (weights.detach(), permuted_gate):
+        torch.library.opcheck(gated_channels_backward, (grad_out, u_spectrum.detach(), filter_spectrum, gate,
+                                                        projections.detach(), *settings))
+
+
+def test_mismatched_gate_or_projections_are_refused_before_any_work():
+    u_spectrum, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 3)
+    with pytest.raises(ValueError, match="3 filters need 3 gate weights per token \\(got 2\\)"):
+        gated_spectral_channels(u_spectrum, filter_spectrum, weights[:, :2], projections, 1.0, 8, 1)
+    with pytest.raises(ValueError, match="at least 3 projections \\(got 2\\)"):
+        gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections[:2], 1.0, 8, 1)
 
 
 def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_not_alias_them():
@@ -75,7 +100,7 @@ def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_no
 
     first = step(x)
     buffers = {key: flat.data_ptr() for key, flat in WORKSPACE.buffers.items()}
-    assert {name for name, _, _ in buffers} == {"features", "grad_features", "product", "spectrum", "padded"}
+    assert {name for name, _, _ in buffers} == {"features", "grad_features", "gate_terms", "spectrum", "padded"}
     spectral_grad = model.model.layers[0].mixer.spectral_proj.grad
     held = spectral_grad.clone()
     step(x.flip(0))  # different data through the same buffers
