@@ -12,7 +12,8 @@ Mamba's steps take 6 s to 2.7 minutes each on one CPU thread at 512 to 4,096 tok
 
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
 batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported, with the
-peak resident memory the training added to the process (its high-water mark less its size before training). This
+peak resident memory the training added to the process (its high-water mark, reset before training, less its
+size then). This
 machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per round, in an order
 rotated from round to round, and each system's ratio to each of `--references` is taken within a round (the two
 ran minutes apart) before its median over rounds.
@@ -21,7 +22,6 @@ ran minutes apart) before its median over rounds.
 import argparse
 import json
 import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -76,21 +76,30 @@ def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) 
             self.seconds.append(time.perf_counter() - self.start)
 
     times = StepTimes()
-    resident_before = resident_mb()
+    resident_before = reset_peak_resident()
     arguments = TrainingArguments(output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=1,
                                   learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
                                   logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     Trainer(model=model.train(), args=arguments, train_dataset=data, callbacks=[times]).train()
     seconds = statistics.median(times.seconds[1:])  # the first step warms up
-    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - resident_before  # ru_maxrss: kB
+    peak_growth = status_mb("VmHWM") - resident_before
     return {"system": system, "seq_len": seq_len, "parameters": model.num_parameters(), "seconds_per_step": seconds,
             "tokens_per_s": seq_len / seconds, "peak_resident_growth_mb": peak_growth}
 
 
-def resident_mb() -> float:
-    """The calling process's resident memory now, in MB (Linux)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+def status_mb(field: str) -> float:
+    """A memory field of the calling process's /proc status (Linux), such as VmRSS or VmHWM, in MB."""
+    with open("/proc/self/status") as status:
+        kilobytes = next(line.split()[1] for line in status if line.startswith(field + ":"))
+    return int(kilobytes) / 1024
+
+
+def reset_peak_resident() -> float:
+    """Sets the process's resident high-water mark (VmHWM) to its resident memory now, which it returns in MB, so
+    that the peak read later is training's and not the model construction's."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return status_mb("VmRSS")
 
 
 def rotated(systems: list[str], round_index: int) -> list[str]:
@@ -117,7 +126,8 @@ def summarize(runs: list[dict], references: list[str]) -> list[dict]:
                 paired = [run["tokens_per_s"] / rates[reference, run["round"]] for run in own
                           if (reference, run["round"]) in rates]
                 if paired and reference != system:
-                    row["ratios"][reference] = {"median": statistics.median(paired), "range": [min(paired), max(paired)]}
+                    row["ratios"][reference] = {"median": statistics.median(paired),
+                                                "range": [min(paired), max(paired)]}
             rows.append(row)
     return rows
 
@@ -137,6 +147,8 @@ def main():
         parser.error(f"--steps and --rounds must be at least 1, got {args.steps} and {args.rounds}")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         parser.error(f"--output {args.output}: its folder does not exist")  # found now, not after the runs
+    if len(set(args.systems)) < len(args.systems):
+        parser.error(f"--systems lists a system twice: {args.systems}")
     runs = []
     context = multiprocessing.get_context("spawn")  # a fresh process: no allocator history, no switch carried over
     for seq_len in args.lengths:
@@ -145,15 +157,22 @@ def main():
                 with context.Pool(1) as pool:
                     run = pool.apply(median_step_seconds, (system, seq_len, args.steps, args.trainer_dir))
                 runs.append(run | {"round": round_index})
+                if args.output:  # after every run: a run cut short keeps what it measured
+                    write_report(args.output, vars(args), runs)
                 print(f"L={seq_len:>5} round {round_index} {system:40} {run['parameters'] / 1e6:6.2f}M params  "
                       f"{run['seconds_per_step']:6.2f} s/step  {run['tokens_per_s']:7.0f} tokens/s  "
                       f"peak +{run['peak_resident_growth_mb']:6.0f} MB", flush=True)
-    rows = summarize(runs, args.references)
-    for row in rows:
+    for row in summarize(runs, args.references):
         ratios = "".join(f"  {ratio['median']:.2f}x {name}" for name, ratio in row["ratios"].items())
         print(f"L={row['seq_len']:>5} {row['system']:40} {row['tokens_per_s']:7.0f} tokens/s{ratios}")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": rows, "runs": runs}, indent=2) + "\n")
+
+
+def write_report(path: str, settings: dict, runs: list[dict]):
+    """The settings, the summary rows and every run as JSON at `path`, replaced whole (written aside, then renamed)."""
+    report = {"settings": settings, "rows": summarize(runs, settings["references"]), "runs": runs}
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(path)
 
 
 if __name__ == "__main__":

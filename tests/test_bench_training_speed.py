@@ -1,6 +1,7 @@
 """scripts/bench_training_speed.py: the rounds' order and the per-round ratios of its summary."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,22 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
 
 
 @pytest.mark.parametrize("flags, message", [(["--rounds", "0"], "at least 1"),
-                                            (["--output", "/no/such/folder/speed.json"], "does not exist")])
+                                            (["--output", "/no/such/folder/speed.json"], "does not exist"),
+                                            (["--systems", "Llama (SDPA)", "Llama (SDPA)"], "twice")])
 def test_bad_arguments_stop_before_any_run(bench, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(bench, "median_step_seconds", lambda *args: pytest.fail("a system ran"))
     monkeypatch.setattr("sys.argv", ["bench_training_speed.py", *flags])
     with pytest.raises(SystemExit) as stop:
         bench.main()
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_report_is_replaced_whole_after_every_run(bench, tmp_path):
+    report = tmp_path / "speed.json"
+    report.write_text("an earlier report")
+    runs = [{"system": "ref", "seq_len": 64, "round": 0, "parameters": 7, "tokens_per_s": 100.0,
+             "seconds_per_step": 0.64, "peak_resident_growth_mb": 10.0}]
+    bench.write_report(str(report), {"references": ["ref"]}, runs)
+    written = json.loads(report.read_text())
+    assert written["runs"] == runs and written["rows"][0]["tokens_per_s"] == 100.0
+    assert [path.name for path in tmp_path.iterdir()] == ["speed.json"]  # the aside copy was renamed into place
