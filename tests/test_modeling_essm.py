@@ -560,6 +560,24 @@ def test_compiled_training_recomputes_through_the_custom_operator():
     assert gated_channels._opoverload in called  # inside the graph: no break, and no plain autograd fallback
 
 
+def test_compiled_training_under_bf16_autocast_matches_eager():
+    # The autocast dtype is read where torch.compile sees it and handed to the operators as an argument.
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(hidden_dropout=0.0, spectral_recompute=True)).train()
+    x = tokens(seq_len=48)
+
+    def loss_and_grad(module):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module(x, labels=x, spectral_budget=7).loss
+        loss.backward()
+        return loss.detach(), model.model.layers[0].mixer.spectral_proj.grad.clone()
+
+    torch._dynamo.reset()
+    compiled = loss_and_grad(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled, loss_and_grad(model))
+
+
 def test_auto_classes_resolve_to_essm(config, tmp_path):
     assert isinstance(AutoConfig.for_model("essm"), ESSSMConfig)
     assert type(AutoModel.from_config(config)) is ESSSMModel
