@@ -143,15 +143,20 @@ def _(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, ch
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels_backward", mutates_args=())
 def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor,
                             weights: torch.Tensor, projections: torch.Tensor, multiplier: float, chunk: int,
-                            gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `gated_channels` for u_spectrum, weights and projections, its convolutions recomputed."""
+                            gemm_dtype: torch.dtype, input_grad: bool, gate_grad: bool,
+                            projections_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `gated_channels` for u_spectrum, weights and projections, its convolutions recomputed.
+
+    Only the gradients asked for are computed (the others come back empty): a frozen `spectral_proj`, as under LoRA
+    on other layers, spares the projections' GEMM, and a frozen gate and projections spare the recomputation.
+    """
     batch, hidden, n_freq = u_spectrum.shape
     seq_len, n_fft = grad_out.shape[-1], 2 * (n_freq - 1)
     device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
     grad_out_lowered = grad_out.to(gemm_dtype)  # (B, D, T)
-    grad_u_spectrum = torch.zeros_like(u_spectrum)
-    grad_weights = torch.empty(weights.shape, dtype=real_dtype, device=device)
-    grad_projections = torch.empty(projections.shape, dtype=real_dtype, device=device)
+    grad_u_spectrum = torch.zeros_like(u_spectrum) if input_grad else u_spectrum.new_empty(0)
+    grad_weights = torch.empty(weights.shape if gate_grad else 0, dtype=real_dtype, device=device)
+    grad_projections = torch.empty(projections.shape if projections_grad else 0, dtype=real_dtype, device=device)
     grad_projections[filter_spectrum.shape[0]:].zero_()  # the channels above the budget
     # The convolutions' adjoint: irfft's is the rFFT times 2/n, and 1/n at the two frequencies that appear once
     # (0 and n/2); the product with each filter's spectrum, its conjugate.
@@ -167,32 +172,37 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
         shape = (batch, end - start, hidden, seq_len)
         # 1. d out / d features = M @ grad_out.
         grad_features = WORKSPACE.get("grad_features", shape, real_dtype, device)
-        mixing = projections[start:end].reshape(-1, hidden).to(gemm_dtype)  # (c*D, D)
-        matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
+        if input_grad or gate_grad:
+            mixing = projections[start:end].reshape(-1, hidden).to(gemm_dtype)  # (c*D, D)
+            matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
         # 2. The chunk's convolutions, recomputed, give the gate's gradient (their product with grad_features
         # summed over D) and, weighted by the gate, the features.
         features = WORKSPACE.get("features", shape, real_dtype, device)
         gate_terms = WORKSPACE.get("gate_terms", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
-        for j in range(start, end):
+        for j in range(start, end) if gate_grad or projections_grad else ():
             conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
-            torch.sum(torch.mul(conv, grad_features[:, j - start], out=gate_terms), dim=1, out=grad_weights[:, j])
-            torch.mul(conv, weights[:, j, None], out=features[:, j - start])
+            if gate_grad:
+                torch.sum(torch.mul(conv, grad_features[:, j - start], out=gate_terms), dim=1, out=grad_weights[:, j])
+            if projections_grad:
+                torch.mul(conv, weights[:, j, None], out=features[:, j - start])
         # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
-        lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
-        grad_mixing = grad_projections[start:end].view(-1, hidden)  # (c*D, D)
-        for b in range(batch):
-            matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
+        if projections_grad:
+            lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
+            grad_mixing = grad_projections[start:end].view(-1, hidden)  # (c*D, D)
+            for b in range(batch):
+                matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
         # 4. The input spectrum's gradient: each convolution's adjoint applied to d out / d conv.
-        for j in range(start, end):
+        for j in range(start, end) if input_grad else ():
             torch.mul(grad_features[:, j - start], weights[:, j, None], out=padded[..., :seq_len])  # d out / d conv
             grad_u_spectrum.addcmul_(torch.fft.rfft(padded), adjoint_filters[j])  # (B, D, F)
-    grad_weights, grad_projections = grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
-    return grad_u_spectrum, grad_weights, grad_projections
+    return grad_u_spectrum, grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
 
 
 @gated_channels_backward.register_fake
-def _(grad_out, u_spectrum, filter_spectrum, weights, projections, multiplier, chunk, gemm_dtype):
-    return tuple(x.new_empty(x.shape) for x in (u_spectrum, weights, projections))  # contiguous, as the real ones
+def _(grad_out, u_spectrum, filter_spectrum, weights, projections, multiplier, chunk, gemm_dtype, input_grad,
+      gate_grad, projections_grad):
+    wanted = ((u_spectrum, input_grad), (weights, gate_grad), (projections, projections_grad))
+    return tuple(x.new_empty(x.shape if needed else 0) for x, needed in wanted)  # contiguous, as the real ones
 
 
 def save_for_recomputation(ctx, inputs, output):
@@ -202,8 +212,11 @@ def save_for_recomputation(ctx, inputs, output):
 
 
 def recomputing_backward(ctx, grad_out):
-    grad_u_spectrum, grad_weights, grad_projections = gated_channels_backward(grad_out, *ctx.saved_tensors,
-                                                                              *ctx.settings)
+    input_grad, _, gate_grad, projections_grad = ctx.needs_input_grad[:4]
+    grads = gated_channels_backward(grad_out, *ctx.saved_tensors, *ctx.settings, input_grad, gate_grad,
+                                    projections_grad)
+    grad_u_spectrum, grad_weights, grad_projections = (grad if needed else None for grad, needed in
+                                                       zip(grads, (input_grad, gate_grad, projections_grad)))
     return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None, None
 
 

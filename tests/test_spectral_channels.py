@@ -74,9 +74,30 @@ def test_operators_pass_opcheck():
     torch.library.opcheck(gated_channels, (*inputs, 2.0, 12, 2, torch.float32))
     grad_out = torch.randn(2, 8, 12)
     permuted_gate = weights.detach().transpose(1, 2).contiguous().transpose(1, 2)
-    for gate in (weights.detach(), permuted_gate):
+    for gate, wanted in ((weights.detach(), (True, True, True)), (permuted_gate, (True, True, True)),
+                         (weights.detach(), (True, False, False)), (weights.detach(), (False, True, False))):
         torch.library.opcheck(gated_channels_backward, (grad_out, u_spectrum.detach(), filter_spectrum, gate,
-                                                        projections.detach(), *settings))
+                                                        projections.detach(), *settings, *wanted))
+
+
+@pytest.mark.parametrize("trained", [("u_spectrum", "weights"), ("u_spectrum",), ("weights", "projections"),
+                                     ("projections",)])
+def test_frozen_inputs_get_no_gradient_and_the_others_the_same(trained):
+    """Backward computes only the gradients asked for: a frozen spectral_proj (LoRA elsewhere) or gate."""
+    names = ("u_spectrum", "filter_spectrum", "weights", "projections")
+    everything = dict(zip(names, channel_inputs(2, 8, 12, 5)))
+    some = {name: x.clone() for name, x in everything.items()}
+    for name in ("u_spectrum", "weights", "projections"):
+        everything[name].requires_grad_()
+        some[name].requires_grad_(name in trained)
+    probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(4))
+    for inputs in (everything, some):
+        (gated_spectral_channels(*inputs.values(), 2.0, 12, 2) * probe).sum().backward()
+    for name in ("u_spectrum", "weights", "projections"):
+        if name in trained:
+            torch.testing.assert_close(some[name].grad, everything[name].grad, atol=0, rtol=0, msg=name)
+        else:
+            assert some[name].grad is None, name
 
 
 def test_mismatched_gate_or_projections_are_refused_before_any_work():
