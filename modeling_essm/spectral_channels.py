@@ -121,7 +121,7 @@ def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weig
     """The forward of `gated_spectral_channels`, its projections' GEMMs in `gemm_dtype`."""
     batch, hidden = u_spectrum.shape[:2]
     device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
-    out = torch.zeros(batch, hidden, seq_len, dtype=real_dtype, device=device)
+    out = torch.empty(batch, hidden, seq_len, dtype=real_dtype, device=device)  # the first chunk's GEMM writes it
     for start in range(0, filter_spectrum.shape[0], chunk):
         end = min(start + chunk, filter_spectrum.shape[0])
         features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
@@ -131,7 +131,7 @@ def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weig
         # M^T @ features, time last (see project_channels for why this orientation).
         mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
         lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
-        matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=True)
+        matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=start > 0)
     return out
 
 
