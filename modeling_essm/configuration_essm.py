@@ -100,6 +100,12 @@ class ESSSMConfig(PreTrainedConfig):
             budget, compiled (torch.compile) or not. Set it to False to keep them (plain autograd, chunks of under
             30 MB; one chunk when compiled): memory then grows in proportion to the budget, for about the same
             speed (docs/performance.md). Outputs and gradients are the same.
+        spectral_saved_mb (`float`, defaults to 30.0): with spectral_recompute, the convolutions of the first
+            channels are saved for backward instead of recomputed, up to this many MB per layer (float32
+            (B, D, T) per channel: at D=256 and batch 1, 30 channels at L=1024, 7 at L=4096, none past L=30720).
+            Each saved channel spares one of its three FFTs per step, and the memory stays within this cap whatever
+            the budget. The default keeps the saved block under 32 MB, above which glibc gives every allocation
+            fresh pages that the kernel zeroes (docs/performance.md). 0 recomputes every channel.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).
@@ -131,6 +137,7 @@ class ESSSMConfig(PreTrainedConfig):
         spectral_chunk_size: int = 8,
         spectral_chunk_mb: float = 64.0,
         spectral_recompute: bool = True,
+        spectral_saved_mb: float = 30.0,
         embedding_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -163,6 +170,7 @@ class ESSSMConfig(PreTrainedConfig):
         self.spectral_chunk_size = spectral_chunk_size
         self.spectral_chunk_mb = spectral_chunk_mb
         self.spectral_recompute = spectral_recompute
+        self.spectral_saved_mb = spectral_saved_mb
         self.embedding_dropout = embedding_dropout
         self.hidden_dropout = hidden_dropout
         self.drop_path_rate = drop_path_rate
@@ -228,6 +236,10 @@ class ESSSMConfig(PreTrainedConfig):
             raise ValueError(f"input_size must be None or a positive integer, got {self.input_size!r}.")
         if not isinstance(self.spectral_recompute, bool):
             raise ValueError(f"spectral_recompute must be true or false, got {self.spectral_recompute!r}.")
+        saved_mb = self.spectral_saved_mb
+        if not isinstance(saved_mb, (int, float)) or isinstance(saved_mb, bool) or not 0 <= saved_mb < math.inf:
+            raise ValueError(f"spectral_saved_mb must be a number of megabytes >= 0 (0: recompute every channel), "
+                             f"got {saved_mb!r}.")
         if self.classifier_pooling not in ("mean", "last"):
             raise ValueError(f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}.")
         for name, meaning in (("spectral_chunk_mb", "a positive number of megabytes"),

@@ -162,6 +162,7 @@ class ESSSMSpectralMixer(nn.Module):
         self.chunk_size = config.spectral_chunk_size
         self.chunk_bytes = config.spectral_chunk_mb * 2**20
         self.recompute = config.spectral_recompute
+        self.saved_bytes = config.spectral_saved_mb * 2**20
 
     def gate(self, u: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         """Per-token mixing weights over the active channels: (B, T, D) -> (B, T, k), float32, rows sum to 1."""
@@ -203,11 +204,13 @@ class ESSSMSpectralMixer(nn.Module):
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
         filter_spectrum = filter_spectrum[:spectral_budget]
         if self.recompute and torch.is_grad_enabled():
-            # Training: recomputed in backward instead of kept, in reused buffers (spectral_channels.py).
+            # Training: recomputed in backward instead of kept, in reused buffers, but for the first channels
+            # within spectral_saved_mb (spectral_channels.py).
             max_bytes = min(self.chunk_bytes, RECOMPUTED_CHUNK_BYTES)
             chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, max_bytes)
+            saved = int(self.saved_bytes // (u.shape[0] * u.shape[2] * seq_len * 4))  # float32 (B, D, T) each
             spectral = gated_spectral_channels(u_spectrum, filter_spectrum, weights, self.spectral_proj,
-                                               self.spectral_proj_multiplier, seq_len, chunk)
+                                               self.spectral_proj_multiplier, seq_len, chunk, saved)
         else:
             spectral = self.autograd_channels(u_spectrum, filter_spectrum, weights, seq_len)
         # 4. Plus the skip and local paths.

@@ -6,7 +6,9 @@ Forward saves only what backward needs to recompute the convolutions (the input 
 projections), as FlashAttention and FlashFFTConv recompute instead of storing, and backward recomputes each
 chunk's convolutions but not its projection GEMM. Two costs go away:
 
-- memory: nothing of size (B, k, D, T) outlives its chunk, so training memory does not grow with the budget;
+- memory: nothing of size (B, k, D, T) outlives its chunk, so training memory does not grow with the budget; only
+  the convolutions of a fixed number of leading channels (`saved`, a byte cap the caller sets) are kept for
+  backward, which spares their recomputation, a third of their FFTs;
 - fresh pages: a chunk's features and their gradient live in buffers that every chunk, layer and step reuse, and
   the FFTs run one channel at a time, on inputs and outputs of a few MB that stay in cache and that glibc reuses
   when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
@@ -89,7 +91,7 @@ OPERATOR_PREFIX = "essm::" + re.sub(r"\W", "_", __name__)
 
 
 def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int,
-                            chunk: int) -> torch.Tensor:
+                            chunk: int, saved: int = 0) -> torch.Tensor:
     """sum_j a_j(t) (phi_j * u)(t) M_j over k channels, `chunk` at a time: (B, D, T), time last.
 
     u_spectrum (B, D, F): rFFT of the inputs, time last, at the FFT size 2 * (F - 1) >= 2T (complex64, or
@@ -98,7 +100,9 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     weights (B, k, T): the gate, contiguous; projections (K, D, D), K >= k: the stored M_j, which the GEMMs scale
         by `multiplier` (ESSSMConfig.spectral_proj_multiplier) instead of materialising the effective ones. Rows
         past k get a zero gradient: the whole parameter, not its slice, spares autograd the slice's backward (a
-        zeroed (K, D, D) copy per layer).
+        zeroed (K, D, D) copy per layer);
+    saved: the first min(saved, k) channels keep their convolutions (B, saved, D, T) for backward instead of
+        recomputing them there.
     Under autocast the projections' GEMMs run in its dtype and the FFTs and the sum stay in full precision, as in
     `project_channels`; the dtype is read here, where torch.compile sees it, and handed to the operators.
     """
@@ -111,41 +115,53 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     device_type = u_spectrum.device.type
     autocast = torch.is_autocast_enabled(device_type)
     gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u_spectrum.real.dtype
-    return gated_channels(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, gemm_dtype)
+    saved = torch.sym_min(saved, k)  # symbolic under torch.compile: budgets share graphs
+    out, _ = gated_channels(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, saved,
+                            gemm_dtype)
+    return out
 
 
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels", mutates_args=())
 def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weights: torch.Tensor,
-                   projections: torch.Tensor, multiplier: float, seq_len: int, chunk: int,
-                   gemm_dtype: torch.dtype) -> torch.Tensor:
-    """The forward of `gated_spectral_channels`, its projections' GEMMs in `gemm_dtype`."""
+                   projections: torch.Tensor, multiplier: float, seq_len: int, chunk: int, saved: int,
+                   gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of `gated_spectral_channels`, its projections' GEMMs in `gemm_dtype`: the output (B, D, T) and
+    the first `saved` channels' convolutions (B, saved, D, T), which backward reads instead of recomputing."""
     batch, hidden = u_spectrum.shape[:2]
     device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
     out = torch.empty(batch, hidden, seq_len, dtype=real_dtype, device=device)  # the first chunk's GEMM writes it
+    saved_convolutions = torch.empty(batch, saved, hidden, seq_len, dtype=real_dtype, device=device)
     for start in range(0, filter_spectrum.shape[0], chunk):
         end = min(start + chunk, filter_spectrum.shape[0])
         features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
         for j in range(start, end):  # a_j(t) (phi_j * u)(t), straight from the inverse FFT
             conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+            if j < saved:
+                conv = saved_convolutions[:, j].copy_(conv)
             torch.mul(conv, weights[:, j, None], out=features[:, j - start])
         # M^T @ features, time last (see project_channels for why this orientation).
         mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
         lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
         matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=start > 0)
-    return out
+    return out, saved_convolutions
 
 
 @gated_channels.register_fake
-def _(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, gemm_dtype):
-    return u_spectrum.new_empty(*u_spectrum.shape[:2], seq_len, dtype=u_spectrum.real.dtype)
+def _(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, saved, gemm_dtype):
+    batch, hidden = u_spectrum.shape[:2]
+    real_dtype = u_spectrum.real.dtype
+    return (u_spectrum.new_empty(batch, hidden, seq_len, dtype=real_dtype),
+            u_spectrum.new_empty(batch, saved, hidden, seq_len, dtype=real_dtype))
 
 
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels_backward", mutates_args=())
 def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor,
-                            weights: torch.Tensor, projections: torch.Tensor, multiplier: float, chunk: int,
+                            weights: torch.Tensor, projections: torch.Tensor, saved_convolutions: torch.Tensor,
+                            multiplier: float, chunk: int,
                             gemm_dtype: torch.dtype, input_grad: bool, gate_grad: bool,
                             projections_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `gated_channels` for u_spectrum, weights and projections, its convolutions recomputed.
+    """The gradients of `gated_channels` for u_spectrum, weights and projections, the convolutions past the saved
+    ones recomputed.
 
     Only the gradients asked for are computed (the others come back empty): a frozen `spectral_proj`, as under LoRA
     on other layers, spares the projections' GEMM, and a frozen gate and projections spare the recomputation.
@@ -175,12 +191,15 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
         if input_grad or gate_grad:
             mixing = projections[start:end].reshape(-1, hidden).to(gemm_dtype)  # (c*D, D)
             matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
-        # 2. The chunk's convolutions, recomputed, give the gate's gradient (their product with grad_features
-        # summed over D) and, weighted by the gate, the features.
+        # 2. The chunk's convolutions, saved or recomputed, give the gate's gradient (their product with
+        # grad_features summed over D) and, weighted by the gate, the features.
         features = WORKSPACE.get("features", shape, real_dtype, device)
         gate_terms = WORKSPACE.get("gate_terms", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
         for j in range(start, end) if gate_grad or projections_grad else ():
-            conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+            if j < saved_convolutions.shape[1]:
+                conv = saved_convolutions[:, j]  # (B, D, T)
+            else:
+                conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
             if gate_grad:
                 torch.sum(torch.mul(conv, grad_features[:, j - start], out=gate_terms), dim=1, out=grad_weights[:, j])
             if projections_grad:
@@ -199,25 +218,30 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
 
 
 @gated_channels_backward.register_fake
-def _(grad_out, u_spectrum, filter_spectrum, weights, projections, multiplier, chunk, gemm_dtype, input_grad,
-      gate_grad, projections_grad):
+def _(grad_out, u_spectrum, filter_spectrum, weights, projections, saved_convolutions, multiplier, chunk,
+      gemm_dtype, input_grad, gate_grad, projections_grad):
     wanted = ((u_spectrum, input_grad), (weights, gate_grad), (projections, projections_grad))
     return tuple(x.new_empty(x.shape if needed else 0) for x, needed in wanted)  # contiguous, as the real ones
 
 
 def save_for_recomputation(ctx, inputs, output):
-    u_spectrum, filter_spectrum, weights, projections, multiplier, _, chunk, gemm_dtype = inputs
-    ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections)
+    u_spectrum, filter_spectrum, weights, projections, multiplier, _, chunk, _, gemm_dtype = inputs
+    saved_convolutions = output[1]
+    ctx.mark_non_differentiable(saved_convolutions)
+    ctx.set_materialize_grads(False)  # else autograd would fill a zero gradient the size of the saved convolutions
+    ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections, saved_convolutions)
     ctx.settings = multiplier, chunk, gemm_dtype
 
 
-def recomputing_backward(ctx, grad_out):
+def recomputing_backward(ctx, grad_out, _):
+    if grad_out is None:  # the output reached no loss (grads are not materialised: see save_for_recomputation)
+        return (None,) * 9
     input_grad, _, gate_grad, projections_grad = ctx.needs_input_grad[:4]
     grads = gated_channels_backward(grad_out, *ctx.saved_tensors, *ctx.settings, input_grad, gate_grad,
                                     projections_grad)
     grad_u_spectrum, grad_weights, grad_projections = (grad if needed else None for grad, needed in
                                                        zip(grads, (input_grad, gate_grad, projections_grad)))
-    return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None, None
+    return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None, None, None
 
 
 gated_channels.register_autograd(recomputing_backward, setup_context=save_for_recomputation)

@@ -404,7 +404,9 @@ def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
      (dict(layer_norm_eps=0), "layer_norm_eps must be a positive number, got 0"),
      (dict(initializer_range="0.02"), "initializer_range must be a positive number"),
      (dict(gate_bias_init=float("nan")), "gate_bias_init must be a finite number, got nan"),
-     (dict(spectral_recompute="yes"), "spectral_recompute must be true or false, got 'yes'")],
+     (dict(spectral_recompute="yes"), "spectral_recompute must be true or false, got 'yes'"),
+     (dict(spectral_saved_mb=-1), r"spectral_saved_mb must be a number of megabytes >= 0 \(0: recompute every channel\), got -1"),
+     (dict(spectral_saved_mb="32"), "spectral_saved_mb must be a number of megabytes >= 0")],
 )
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -639,10 +641,13 @@ def test_remote_code_folder_loads_in_a_clean_process(config, model_class, auto_n
 # --- training memory: chunks recomputed in backward ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("saved_channels", [0, 4, K], ids=["none-saved", "4-saved", "all-saved"])
 @pytest.mark.parametrize("k", [2, 7, K])
-def test_training_gradients_through_recomputed_chunks_match_the_reference(k):
+def test_training_gradients_through_recomputed_chunks_match_the_reference(k, saved_channels):
     torch.manual_seed(0)
-    model = ESSSMForCausalLM(tiny_config(spectral_recompute=True))  # chunks of 3: budget 7 recomputes 3 in backward
+    saved_mb = saved_channels * 2 * 32 * 37 * 4 / 2**20  # float32 (B, D, T) convolutions of the channels saved
+    # Chunks of 3: budget 7 recomputes 3 in backward.
+    model = ESSSMForCausalLM(tiny_config(spectral_recompute=True, spectral_saved_mb=saved_mb))
     basis, mixer = model.model.spectral_basis, model.model.layers[0].mixer
     u = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
     probe = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(2))
@@ -657,11 +662,13 @@ def test_training_gradients_through_recomputed_chunks_match_the_reference(k):
         torch.testing.assert_close(grad.double(), reference[name].double(), atol=1e-6 * scale, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("saved_mb", [0, 30])  # none of the convolutions saved for backward, or all of them
 @pytest.mark.parametrize("bf16", [False, True])
-def test_recomputed_and_kept_convolutions_give_the_same_gradients_with_padding_and_accumulation(bf16):
+def test_recomputed_and_kept_convolutions_give_the_same_gradients_with_padding_and_accumulation(bf16, saved_mb):
     torch.manual_seed(0)
     kept = ESSSMForCausalLM(tiny_config(spectral_recompute=False))
-    recomputed = ESSSMForCausalLM(tiny_config(spectral_recompute=True))  # chunks of 3: budget 7 is 3 + 3 + 1
+    # Chunks of 3: budget 7 is 3 + 3 + 1.
+    recomputed = ESSSMForCausalLM(tiny_config(spectral_recompute=True, spectral_saved_mb=saved_mb))
     recomputed.load_state_dict(kept.state_dict())
     x = tokens(batch=4, seq_len=50)
     mask = torch.ones_like(x)
@@ -692,7 +699,7 @@ def test_chunk_sizes_follow_the_path(monkeypatch):
     project = mixer.project_channels
     monkeypatch.setattr(mixer, "project_channels", lambda *inputs: sizes.append(inputs[1].shape[0]) or project(*inputs))
     monkeypatch.setattr("modeling_essm.modeling_essm.gated_spectral_channels",
-                        lambda *inputs: sizes.append(("recomputed", inputs[-1])) or gated_spectral_channels(*inputs))
+                        lambda *inputs: sizes.append(("recomputed", inputs[-2])) or gated_spectral_channels(*inputs))
     for recompute, grad, expected in ((True, True, [("recomputed", 2)]), (False, True, [3, 3, 3, 3, 3, 1]),
                                       (True, False, [8, 8])):
         sizes.clear()
@@ -702,13 +709,28 @@ def test_chunk_sizes_follow_the_path(monkeypatch):
         assert sizes == expected, (recompute, grad)
 
 
+def test_saved_channels_follow_spectral_saved_mb(monkeypatch):
+    """As many whole float32 (B, D, T) convolutions as spectral_saved_mb holds, at most the budget."""
+    channel_mb = 2 * 32 * 100 * 4 / 2**20
+    saved = []
+    monkeypatch.setattr("modeling_essm.modeling_essm.gated_spectral_channels",
+                        lambda *inputs: saved.append(inputs[-1]) or gated_spectral_channels(*inputs))
+    u = torch.randn(2, 100, 32)
+    for saved_mb, k, expected in ((0, K, 0), (3.5 * channel_mb, K, 3), (3.5 * channel_mb, 2, 3), (30, K, 1228)):
+        model = ESSSMForCausalLM(tiny_config(num_hidden_layers=1, spectral_saved_mb=saved_mb)).train()
+        mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
+        mixer(u, basis.filter_spectrum(100, k), k)
+        assert saved[-1] == expected, saved_mb  # the operators take min(saved, k) (tests/test_spectral_channels.py)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_with_recomputation_training_memory_stops_growing_with_the_budget_above_one_chunk(recompute):
     from modeling_essm.planner import peak_memory_mb
 
     torch.manual_seed(0)
+    # Recomputing, four channels' convolutions are saved for backward (float32, B=8, D=32, T=512): a fixed cap.
     config = tiny_config(num_hidden_layers=1, max_position_embeddings=512, spectral_chunk_size=4,
-                         spectral_recompute=recompute)
+                         spectral_recompute=recompute, spectral_saved_mb=4 * 8 * 32 * 512 * 4 / 2**20)
     model = ESSSMForCausalLM(config)
     x = tokens(batch=8, seq_len=512)
 

@@ -21,15 +21,17 @@ def channel_inputs(batch, hidden, seq_len, k, dtype=torch.float32, seed=0):
     return torch.fft.rfft(u, n=n_fft), torch.fft.rfft(taps, n=n_fft), weights, projections
 
 
-def test_gradcheck_in_float64():
+@pytest.mark.parametrize("saved", [0, 1, 3])
+def test_gradcheck_in_float64(saved):
     u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 3, 5, 3, dtype=torch.float64)
     inputs = (u_spectrum.requires_grad_(), weights.requires_grad_(), projections.requires_grad_())
-    # Chunks of 2 over 3 channels: a full chunk and a partial one.
-    assert torch.autograd.gradcheck(lambda u, w, m: gated_spectral_channels(u, filter_spectrum, w, m, 3.0, 5, 2), inputs)
+    # Chunks of 2 over 3 channels: a full chunk and a partial one; none, some or all of the convolutions saved.
+    assert torch.autograd.gradcheck(
+        lambda u, w, m: gated_spectral_channels(u, filter_spectrum, w, m, 3.0, 5, 2, saved), inputs)
 
 
-@pytest.mark.parametrize("k, chunk", [(1, 1), (7, 3), (7, 7), (16, 5)])
-def test_outputs_and_gradients_match_plain_autograd(k, chunk):
+@pytest.mark.parametrize("k, chunk, saved", [(1, 1, 0), (7, 3, 0), (7, 3, 4), (7, 7, 7), (16, 5, 0), (16, 5, 11)])
+def test_outputs_and_gradients_match_plain_autograd(k, chunk, saved):
     seq_len = 97  # not 5-smooth: the FFT size is larger than 2T
     fast_inputs = channel_inputs(2, 32, seq_len, k)
     plain_inputs = [x.clone() for x in fast_inputs]
@@ -37,7 +39,7 @@ def test_outputs_and_gradients_match_plain_autograd(k, chunk):
         for index in (0, 2, 3):  # every input but the fixed filters
             inputs[index].requires_grad_()
     probe = torch.randn(2, 32, seq_len, generator=torch.Generator().manual_seed(5))
-    fast = gated_spectral_channels(*fast_inputs, 3.0, seq_len, chunk)  # the stored M_j and their multiplier
+    fast = gated_spectral_channels(*fast_inputs, 3.0, seq_len, chunk, saved)  # the stored M_j and their multiplier
     u_spectrum, filter_spectrum, weights, projections = plain_inputs
     plain = ESSSMSpectralMixer.project_channels(u_spectrum, filter_spectrum, weights, 3.0 * projections, seq_len)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
@@ -71,13 +73,39 @@ def test_operators_pass_opcheck():
     u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
     settings = (2.0, 2, torch.float32)  # multiplier, chunk, GEMM dtype
     inputs = (u_spectrum.requires_grad_(), filter_spectrum, weights.requires_grad_(), projections.requires_grad_())
-    torch.library.opcheck(gated_channels, (*inputs, 2.0, 12, 2, torch.float32))
+    for saved in (0, 3):
+        torch.library.opcheck(gated_channels, (*inputs, 2.0, 12, 2, saved, torch.float32))
+    _, saved_convolutions = gated_channels(*inputs, 2.0, 12, 2, 3, torch.float32)  # (2, 3, 8, 12)
     grad_out = torch.randn(2, 8, 12)
     permuted_gate = weights.detach().transpose(1, 2).contiguous().transpose(1, 2)
-    for gate, wanted in ((weights.detach(), (True, True, True)), (permuted_gate, (True, True, True)),
-                         (weights.detach(), (True, False, False)), (weights.detach(), (False, True, False))):
+    for gate, saved, wanted in ((weights.detach(), saved_convolutions[:, :0], (True, True, True)),
+                                (weights.detach(), saved_convolutions, (True, True, True)),
+                                (permuted_gate, saved_convolutions, (True, True, True)),
+                                (weights.detach(), saved_convolutions, (True, False, False)),
+                                (weights.detach(), saved_convolutions[:, :0], (False, True, False))):
         torch.library.opcheck(gated_channels_backward, (grad_out, u_spectrum.detach(), filter_spectrum, gate,
-                                                        projections.detach(), *settings, *wanted))
+                                                        projections.detach(), saved, *settings, *wanted))
+
+
+def test_saved_convolutions_are_not_recomputed_and_give_identical_gradients(monkeypatch):
+    """Backward reads the first `saved` channels' convolutions from forward: k + (k - saved) convolutions in all."""
+    import modeling_essm.spectral_channels as spectral_channels
+
+    convolve, calls = spectral_channels.channel_convolution, []
+    monkeypatch.setattr(spectral_channels, "channel_convolution", lambda *a: calls.append(1) or convolve(*a))
+    probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(6))
+    grads = {}
+    for saved in (0, 2, 5, 9):  # 9 > k: all of them
+        inputs = channel_inputs(2, 8, 12, 5)
+        for index in (0, 2, 3):
+            inputs[index].requires_grad_()
+        calls.clear()
+        (gated_spectral_channels(*inputs, 2.0, 12, 2, saved) * probe).sum().backward()
+        assert len(calls) == 5 + 5 - min(saved, 5), saved
+        grads[saved] = [inputs[index].grad for index in (0, 2, 3)]
+    for saved in (2, 5, 9):
+        for grad, expected in zip(grads[saved], grads[0]):
+            torch.testing.assert_close(grad, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("trained", [("u_spectrum", "weights"), ("u_spectrum",), ("weights", "projections"),
@@ -92,7 +120,7 @@ def test_frozen_inputs_get_no_gradient_and_the_others_the_same(trained):
         some[name].requires_grad_(name in trained)
     probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(4))
     for inputs in (everything, some):
-        (gated_spectral_channels(*inputs.values(), 2.0, 12, 2) * probe).sum().backward()
+        (gated_spectral_channels(*inputs.values(), 2.0, 12, 2, 2) * probe).sum().backward()  # 2 of 5 saved
     for name in ("u_spectrum", "weights", "projections"):
         if name in trained:
             torch.testing.assert_close(some[name].grad, everything[name].grad, atol=0, rtol=0, msg=name)
