@@ -30,12 +30,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--recompute", action="store_true", help="spectral_recompute=True: chunks recomputed in backward")
     parser.add_argument("--chunk-size", type=int, default=8, help="spectral_chunk_size: channels recomputed at once")
+    parser.add_argument("--saved-mb", type=float, default=ESSSMConfig().spectral_saved_mb,
+                        help="spectral_saved_mb: MB per layer of convolutions saved for backward when recomputing "
+                             "(default: the config's, %(default)s)")
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = ESSSMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_spectral_filters=args.filters,
                          max_position_embeddings=args.length, num_labels=10, intermediate_size=2 * args.hidden_size,
-                         spectral_recompute=args.recompute, spectral_chunk_size=args.chunk_size)
+                         spectral_recompute=args.recompute, spectral_chunk_size=args.chunk_size,
+                         spectral_saved_mb=args.saved_mb)
     model = ESSSMForSequenceClassification(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 256, (args.batch_size, args.length))

@@ -1,7 +1,8 @@
 """Training speed and memory as a user gets them: a plain `transformers.Trainer` in a plain Python process.
 
 The reference ES-SSM LM (D=256, 8 layers, K=32, trained at its full budget) with the convolutions kept for
-backward or recomputed (`spectral_recompute`), against the parameter-matched Llama (SDPA) and Mamba (with the
+backward or recomputed (`spectral_recompute`; by default with the first channels' convolutions saved within
+`spectral_saved_mb`, or with none saved), against the parameter-matched Llama (SDPA) and Mamba (with the
 `mambapy` package's parallel scan) of scripts/bench_forward.py, and both ES-SSM paths once more with glibc keeping
 freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our commands turn on):
 
@@ -27,13 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-SYSTEMS = {  # name: (model, spectral_recompute, reuse freed memory)
-    "ES-SSM, kept": ("ES-SSM", False, False),
-    "ES-SSM, recomputed": ("ES-SSM", True, False),
-    "ES-SSM, kept, reuse_freed_memory": ("ES-SSM", False, True),
-    "ES-SSM, recomputed, reuse_freed_memory": ("ES-SSM", True, True),
-    "Llama (SDPA)": ("Llama (SDPA)", False, False),
-    "Mamba (mambapy scan)": ("Mamba", False, False),
+SYSTEMS = {  # name: (model, ES-SSM config settings, reuse freed memory)
+    "ES-SSM, kept": ("ES-SSM", dict(spectral_recompute=False), False),
+    "ES-SSM, recomputed": ("ES-SSM", {}, False),  # the defaults
+    "ES-SSM, recomputed, none saved": ("ES-SSM", dict(spectral_saved_mb=0), False),
+    "ES-SSM, kept, reuse_freed_memory": ("ES-SSM", dict(spectral_recompute=False), True),
+    "ES-SSM, recomputed, reuse_freed_memory": ("ES-SSM", {}, True),
+    "Llama (SDPA)": ("Llama (SDPA)", {}, False),
+    "Mamba (mambapy scan)": ("Mamba", {}, False),
 }
 
 
@@ -50,13 +52,12 @@ def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) 
     from modeling_essm.cpu_allocator import reuse_freed_memory
 
     torch.set_num_threads(1)
-    name, recompute, reuse = SYSTEMS[system]
+    name, settings, reuse = SYSTEMS[system]
     if reuse:
         reuse_freed_memory()
     torch.manual_seed(0)
     if name == "ES-SSM":
-        model = ESSSMForCausalLM(ESSSMConfig(**ESSM_REFERENCE, max_position_embeddings=seq_len,
-                                             spectral_recompute=recompute))
+        model = ESSSMForCausalLM(ESSSMConfig(**ESSM_REFERENCE, max_position_embeddings=seq_len, **settings))
     elif name == "Mamba":
         # Without CUDA kernels transformers' Mamba backpropagates through a sequential scan; mambapy's is parallel.
         model = mamba(seq_len, use_mambapy=True)
