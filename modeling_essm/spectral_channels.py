@@ -7,8 +7,8 @@ projections), as FlashAttention and FlashFFTConv recompute instead of storing, a
 chunk's convolutions but not its projection GEMM. Two costs go away:
 
 - memory: nothing of size (B, k, D, T) outlives its chunk, so training memory does not grow with the budget; only
-  the convolutions of a fixed number of leading channels (`saved`, a byte cap the caller sets) are kept for
-  backward, which spares their recomputation, a third of their FFTs;
+  the convolutions of the first `saved` channels (a number the mixer fits to a byte cap, `spectral_saved_mb`) are
+  kept for backward, which spares their recomputation, a third of their FFTs;
 - fresh pages: a chunk's features and their gradient live in buffers that every chunk, layer and step reuse, and
   the FFTs run one channel at a time, on inputs and outputs of a few MB that stay in cache and that glibc reuses
   when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
@@ -157,9 +157,8 @@ def _(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, ch
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels_backward", mutates_args=())
 def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor,
                             weights: torch.Tensor, projections: torch.Tensor, saved_convolutions: torch.Tensor,
-                            multiplier: float, chunk: int,
-                            gemm_dtype: torch.dtype, input_grad: bool, gate_grad: bool,
-                            projections_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            multiplier: float, chunk: int, gemm_dtype: torch.dtype, input_grad: bool,
+                            gate_grad: bool, projections_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `gated_channels` for u_spectrum, weights and projections, the convolutions past the saved
     ones recomputed.
 
