@@ -95,7 +95,7 @@ class ESSSMConfig(PreTrainedConfig):
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
             backward instead of keeping them (two custom operators, spectral_channels.py: forward saves the input
-            spectrum, the gate and the projections, both run the FFTs one channel at a time and keep each chunk's
+            spectrum, the gate, the projections and the convolutions within spectral_saved_mb, both run the FFTs one channel at a time and keep each chunk's
             features in buffers that all layers and steps reuse), so that activation memory does not grow with the
             budget, compiled (torch.compile) or not. Set it to False to keep them (plain autograd, chunks of under
             30 MB; one chunk when compiled): memory then grows in proportion to the budget, for about the same

@@ -162,7 +162,7 @@ class ESSSMSpectralMixer(nn.Module):
         self.chunk_size = config.spectral_chunk_size
         self.chunk_bytes = config.spectral_chunk_mb * 2**20
         self.recompute = config.spectral_recompute
-        self.saved_bytes = config.spectral_saved_mb * 2**20
+        self.saved_mb = config.spectral_saved_mb
 
     def gate(self, u: torch.Tensor, spectral_budget: int) -> torch.Tensor:
         """Per-token mixing weights over the active channels: (B, T, D) -> (B, T, k), float32, rows sum to 1."""
@@ -208,7 +208,8 @@ class ESSSMSpectralMixer(nn.Module):
             # within spectral_saved_mb (spectral_channels.py).
             max_bytes = min(self.chunk_bytes, RECOMPUTED_CHUNK_BYTES)
             chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, max_bytes)
-            saved = int(self.saved_bytes // (u.shape[0] * u.shape[2] * seq_len * 4))  # float32 (B, D, T) each
+            # In MB, not bytes: any finite cap stays finite.
+            saved = int(self.saved_mb // (u.shape[0] * u.shape[2] * seq_len * 4 / 2**20))  # float32 (B, D, T) each
             spectral = gated_spectral_channels(u_spectrum, filter_spectrum, weights, self.spectral_proj,
                                                self.spectral_proj_multiplier, seq_len, chunk, saved)
         else:

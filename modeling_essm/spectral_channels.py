@@ -2,13 +2,13 @@
 
     out(t) = sum_j a_j(t) * (phi_j * u)(t) M_j        (B, D, T), over the active channels j, chunk by chunk
 
-Forward saves only what backward needs to recompute the convolutions (the input spectrum, the gate, the
-projections), as FlashAttention and FlashFFTConv recompute instead of storing, and backward recomputes each
-chunk's convolutions but not its projection GEMM. Two costs go away:
+Forward saves what backward needs to recompute the convolutions (the input spectrum, the gate, the projections),
+as FlashAttention and FlashFFTConv recompute instead of storing, plus the convolutions of the first `saved` channels,
+a number the mixer fits to a byte cap (`spectral_saved_mb`); backward recomputes the other channels' convolutions but
+no projection GEMM. Two costs go away:
 
-- memory: nothing of size (B, k, D, T) outlives its chunk, so training memory does not grow with the budget; only
-  the convolutions of the first `saved` channels (a number the mixer fits to a byte cap, `spectral_saved_mb`) are
-  kept for backward, which spares their recomputation, a third of their FFTs;
+- memory: apart from the capped saved convolutions nothing of size (B, k, D, T) outlives its chunk, so training
+  memory stops growing with the budget once the cap is reached; each saved channel spares a third of its FFTs;
 - fresh pages: a chunk's features and their gradient live in buffers that every chunk, layer and step reuse, and
   the FFTs run one channel at a time, on inputs and outputs of a few MB that stay in cache and that glibc reuses
   when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
@@ -115,6 +115,8 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     device_type = u_spectrum.device.type
     autocast = torch.is_autocast_enabled(device_type)
     gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u_spectrum.real.dtype
+    if not (weights.requires_grad or projections.requires_grad):
+        saved = 0  # the saved convolutions serve only the gate's and the projections' gradients
     saved = torch.sym_min(saved, k)  # symbolic under torch.compile: budgets share graphs
     out, _ = gated_channels(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, saved,
                             gemm_dtype)
@@ -233,7 +235,7 @@ def save_for_recomputation(ctx, inputs, output):
 
 
 def recomputing_backward(ctx, grad_out, _):
-    if grad_out is None:  # the output reached no loss (grads are not materialised: see save_for_recomputation)
+    if grad_out is None:  # an undefined gradient (not materialised, see save_for_recomputation): nothing flows back
         return (None,) * 9
     input_grad, _, gate_grad, projections_grad = ctx.needs_input_grad[:4]
     grads = gated_channels_backward(grad_out, *ctx.saved_tensors, *ctx.settings, input_grad, gate_grad,

@@ -406,7 +406,9 @@ def test_overlong_sequence_names_both_lengths_and_the_field(causal_lm):
      (dict(gate_bias_init=float("nan")), "gate_bias_init must be a finite number, got nan"),
      (dict(spectral_recompute="yes"), "spectral_recompute must be true or false, got 'yes'"),
      (dict(spectral_saved_mb=-1), r"spectral_saved_mb must be a number of megabytes >= 0 \(0: recompute every channel\), got -1"),
-     (dict(spectral_saved_mb="32"), "spectral_saved_mb must be a number of megabytes >= 0")],
+     (dict(spectral_saved_mb="32"), "spectral_saved_mb must be a number of megabytes >= 0"),
+     (dict(spectral_saved_mb=float("inf")), "spectral_saved_mb must be a number of megabytes >= 0"),
+     (dict(spectral_saved_mb=True), "spectral_saved_mb must be a number of megabytes >= 0 .*, got True")],
 )
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -716,7 +718,9 @@ def test_saved_channels_follow_spectral_saved_mb(monkeypatch):
     monkeypatch.setattr("modeling_essm.modeling_essm.gated_spectral_channels",
                         lambda *inputs: saved.append(inputs[-1]) or gated_spectral_channels(*inputs))
     u = torch.randn(2, 100, 32)
-    for saved_mb, k, expected in ((0, K, 0), (3.5 * channel_mb, K, 3), (3.5 * channel_mb, 2, 3), (30, K, 1228)):
+    # Any finite cap works, however large: 1e300 MB is far past what fits in bytes as a float.
+    for saved_mb, k, expected in ((0, K, 0), (3.5 * channel_mb, K, 3), (3.5 * channel_mb, 2, 3), (30, K, 1228),
+                                  (1e300, K, int(1e300 // channel_mb))):
         model = ESSSMForCausalLM(tiny_config(num_hidden_layers=1, spectral_saved_mb=saved_mb)).train()
         mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
         mixer(u, basis.filter_spectrum(100, k), k)

@@ -128,6 +128,18 @@ def test_frozen_inputs_get_no_gradient_and_the_others_the_same(trained):
             assert some[name].grad is None, name
 
 
+def test_nothing_is_saved_when_neither_the_gate_nor_the_projections_need_a_gradient(monkeypatch):
+    """The saved convolutions serve only those two gradients: with both frozen, forward keeps none."""
+    import modeling_essm.spectral_channels as spectral_channels
+
+    forward, saved = spectral_channels.gated_channels, []
+    monkeypatch.setattr(spectral_channels, "gated_channels", lambda *inputs: saved.append(inputs[7]) or forward(*inputs))
+    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
+    gated_spectral_channels(u_spectrum.requires_grad_(), filter_spectrum, weights, projections, 2.0, 12, 2, 3)
+    gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections.requires_grad_(), 2.0, 12, 2, 3)
+    assert saved == [0, 3]
+
+
 def test_mismatched_gate_or_projections_are_refused_before_any_work():
     u_spectrum, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 3)
     with pytest.raises(ValueError, match="3 filters need 3 gate weights per token \\(got 2\\)"):
