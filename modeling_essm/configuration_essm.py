@@ -21,6 +21,11 @@ ESSM_AUTO_MAP = {
 FIELDS_BEFORE_THEY_EXISTED = {"spectral_proj_multiplier": 1.0, "spectral_proj_init_std": 0.02}
 
 
+def is_real_number(value) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ESSSMConfig.{name} must be a positive integer, got {value!r}.")
@@ -95,9 +100,9 @@ class ESSSMConfig(PreTrainedConfig):
             on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
             backward instead of keeping them (two custom operators, spectral_channels.py: forward saves the input
-            spectrum, the gate, the projections and the convolutions within spectral_saved_mb, both run the FFTs one channel at a time and keep each chunk's
-            features in buffers that all layers and steps reuse), so that activation memory does not grow with the
-            budget, compiled (torch.compile) or not. Set it to False to keep them (plain autograd, chunks of under
+            spectrum, the gate, the projections and the convolutions within spectral_saved_mb, both run the FFTs one
+            channel at a time and keep each chunk's features in buffers that all layers and steps reuse), so that
+            activation memory does not grow with the budget past that cap, compiled (torch.compile) or not. Set it to False to keep them (plain autograd, chunks of under
             30 MB; one chunk when compiled): memory then grows in proportion to the budget, for about the same
             speed (docs/performance.md). Outputs and gradients are the same.
         spectral_saved_mb (`float`, defaults to 30.0): with spectral_recompute, the convolutions of the first
@@ -237,7 +242,7 @@ class ESSSMConfig(PreTrainedConfig):
         if not isinstance(self.spectral_recompute, bool):
             raise ValueError(f"spectral_recompute must be true or false, got {self.spectral_recompute!r}.")
         saved_mb = self.spectral_saved_mb
-        if not isinstance(saved_mb, (int, float)) or isinstance(saved_mb, bool) or not 0 <= saved_mb < math.inf:
+        if not is_real_number(saved_mb) or not 0 <= saved_mb < math.inf:
             raise ValueError(f"spectral_saved_mb must be a number of megabytes >= 0 (0: recompute every channel), "
                              f"got {saved_mb!r}.")
         if self.classifier_pooling not in ("mean", "last"):
@@ -248,14 +253,14 @@ class ESSSMConfig(PreTrainedConfig):
                               ("layer_norm_eps", "a positive number"),
                               ("initializer_range", "a positive number")):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            if not is_real_number(value) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be {meaning}, got {value!r}.")
         gate_bias = self.gate_bias_init
-        if not isinstance(gate_bias, (int, float)) or isinstance(gate_bias, bool) or not math.isfinite(gate_bias):
+        if not is_real_number(gate_bias) or not math.isfinite(gate_bias):
             raise ValueError(f"gate_bias_init must be a finite number, got {gate_bias!r}.")
         for name in ("embedding_dropout", "hidden_dropout", "drop_path_rate"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+            if not is_real_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
 
     @property

@@ -234,7 +234,7 @@ def save_for_recomputation(ctx, inputs, output):
     ctx.settings = multiplier, chunk, gemm_dtype
 
 
-def recomputing_backward(ctx, grad_out, _):
+def recomputing_backward(ctx, grad_out, saved_convolutions_grad):  # the latter never set: not differentiable
     if grad_out is None:  # an undefined gradient (not materialised, see save_for_recomputation): nothing flows back
         return (None,) * 9
     input_grad, _, gate_grad, projections_grad = ctx.needs_input_grad[:4]

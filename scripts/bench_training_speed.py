@@ -14,10 +14,9 @@ Mamba's steps take 6 s to 2.7 minutes each on one CPU thread at 512 to 4,096 tok
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
 batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported, with the
 peak resident memory the training added to the process (its high-water mark, reset before training, less its
-size then). This
-machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per round, in an order
-rotated from round to round, and each system's ratio to each of `--references` is taken within a round (the two
-ran minutes apart) before its median over rounds.
+size then). This machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per
+round, in an order rotated from round to round, and each system's ratio to each of `--references` is taken within a
+round (the two ran minutes apart) before its median over rounds.
 """
 
 import argparse
