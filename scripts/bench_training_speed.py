@@ -12,9 +12,9 @@ Mamba's steps take 6 s to 2.7 minutes each on one CPU thread at 512 to 4,096 tok
 `--systems` runs a subset.
 
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
-batch 1, AdamW; the first step is a warm-up and the median of the next `--steps` step times is reported, with the
-peak resident memory the training added to the process (its high-water mark, reset before training, less its
-size then). This machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per
+in batches of `--batch-size` (default 1), AdamW; the first step is a warm-up and the median of the next `--steps`
+step times is reported, with the peak resident memory the training added to the process (its high-water mark,
+reset before training, less its size then). This machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per
 round, in an order rotated from round to round, and each system's ratio to each of `--references` is taken within a
 round (the two ran minutes apart) before its median over rounds.
 """
@@ -38,8 +38,9 @@ SYSTEMS = {  # name: (model, ES-SSM config settings, reuse freed memory)
 }
 
 
-def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) -> dict:
-    """Runs in a fresh process: the median time of a Trainer step of `system` at `seq_len`."""
+def median_step_seconds(system: str, seq_len: int, batch_size: int, steps: int, output_dir: str) -> dict:
+    """Runs in a fresh process: the median time of a Trainer step of `system` on `batch_size` sequences of
+    `seq_len`."""
     import torch
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -62,7 +63,7 @@ def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) 
         model = mamba(seq_len, use_mambapy=True)
     else:
         model = llama(seq_len)
-    ids = torch.randint(0, 256, (steps + 1, seq_len)).tolist()
+    ids = torch.randint(0, 256, ((steps + 1) * batch_size, seq_len)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
 
     class StepTimes(TrainerCallback):
@@ -77,14 +78,16 @@ def median_step_seconds(system: str, seq_len: int, steps: int, output_dir: str) 
 
     times = StepTimes()
     resident_before = reset_peak_resident()
-    arguments = TrainingArguments(output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=1,
+    arguments = TrainingArguments(output_dir=output_dir, max_steps=steps + 1,
+                                  per_device_train_batch_size=batch_size,
                                   learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
                                   logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     Trainer(model=model.train(), args=arguments, train_dataset=data, callbacks=[times]).train()
     seconds = statistics.median(times.seconds[1:])  # the first step warms up
     peak_growth = status_mb("VmHWM") - resident_before
-    return {"system": system, "seq_len": seq_len, "parameters": model.num_parameters(), "seconds_per_step": seconds,
-            "tokens_per_s": seq_len / seconds, "peak_resident_growth_mb": peak_growth}
+    return {"system": system, "seq_len": seq_len, "batch_size": batch_size, "parameters": model.num_parameters(),
+            "seconds_per_step": seconds, "tokens_per_s": batch_size * seq_len / seconds,
+            "peak_resident_growth_mb": peak_growth}
 
 
 def status_mb(field: str) -> float:
@@ -135,6 +138,7 @@ def summarize(runs: list[dict], references: list[str]) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default: 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (default: 3)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every system per length (default: 3)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
@@ -143,8 +147,9 @@ def main():
     parser.add_argument("--output", help="write the rows and every run as JSON here")
     parser.add_argument("--trainer-dir", default="/tmp/bench_training_speed", help="the Trainer's output_dir (nothing is saved)")
     args = parser.parse_args()
-    if args.steps < 1 or args.rounds < 1:
-        parser.error(f"--steps and --rounds must be at least 1, got {args.steps} and {args.rounds}")
+    if min(args.batch_size, args.steps, args.rounds) < 1:
+        parser.error(f"--batch-size, --steps and --rounds must be at least 1, got {args.batch_size}, {args.steps} "
+                     f"and {args.rounds}")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         parser.error(f"--output {args.output}: its folder does not exist")  # found now, not after the runs
     if len(set(args.systems)) < len(args.systems):
@@ -155,7 +160,8 @@ def main():
         for round_index in range(args.rounds):
             for system in rotated(args.systems, round_index):
                 with context.Pool(1) as pool:
-                    run = pool.apply(median_step_seconds, (system, seq_len, args.steps, args.trainer_dir))
+                    run = pool.apply(median_step_seconds, (system, seq_len, args.batch_size, args.steps,
+                                                            args.trainer_dir))
                 runs.append(run | {"round": round_index})
                 if args.output:  # after every run: a run cut short keeps what it measured
                     write_report(args.output, vars(args), runs)

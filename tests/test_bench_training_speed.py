@@ -41,7 +41,7 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
     assert "model" not in rows["model"]["ratios"]  # not against itself
 
 
-@pytest.mark.parametrize("flags, message", [(["--rounds", "0"], "at least 1"),
+@pytest.mark.parametrize("flags, message", [(["--rounds", "0"], "at least 1"), (["--batch-size", "0"], "at least 1"),
                                             (["--output", "/no/such/folder/speed.json"], "does not exist"),
                                             (["--systems", "Llama (SDPA)", "Llama (SDPA)"], "twice")])
 def test_bad_arguments_stop_before_any_run(bench, monkeypatch, capsys, flags, message):
@@ -61,3 +61,19 @@ def test_the_report_is_replaced_whole_after_every_run(bench, tmp_path):
     written = json.loads(report.read_text())
     assert written["runs"] == runs and written["rows"][0]["tokens_per_s"] == 100.0
     assert [path.name for path in tmp_path.iterdir()] == ["speed.json"]  # the aside copy was renamed into place
+
+
+def test_a_step_trains_and_counts_every_sequence_of_its_batch(bench, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    shapes, training_step = [], Trainer.training_step
+
+    def recorded_step(self, model, inputs, *args, **kwargs):
+        shapes.append(tuple(inputs["input_ids"].shape))
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", recorded_step)
+    run = bench.median_step_seconds("ES-SSM, recomputed", 32, 3, 1, str(tmp_path))
+    assert shapes == [(3, 32)] * 2  # the warm-up and the timed step
+    assert run["batch_size"] == 3
+    assert run["tokens_per_s"] == pytest.approx(3 * 32 / run["seconds_per_step"])
