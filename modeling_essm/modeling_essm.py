@@ -203,17 +203,17 @@ class ESSSMSpectralMixer(nn.Module):
         # Time is kept as the last, contiguous axis: FFTs and the broadcast products are fastest along it.
         u_spectrum = torch.fft.rfft(u.float().transpose(1, 2), n=n_fft)  # (B, D, F), shared by every channel
         filter_spectrum = filter_spectrum[:spectral_budget]
-        if self.recompute and torch.is_grad_enabled():
-            # Training: recomputed in backward instead of kept, in reused buffers, but for the first channels
-            # within spectral_saved_mb (spectral_channels.py).
+        if torch.is_grad_enabled() and not self.recompute:
+            spectral = self.autograd_channels(u_spectrum, filter_spectrum, weights, seq_len)
+        else:
+            # Inference, and training that recomputes the convolutions in backward (but the first channels', saved
+            # within spectral_saved_mb): one channel's FFTs at a time, in reused buffers (spectral_channels.py).
             max_bytes = min(self.chunk_bytes, RECOMPUTED_CHUNK_BYTES)
             chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, max_bytes)
             # In MB, not bytes: any finite cap stays finite.
             saved = int(self.saved_mb // (u.shape[0] * u.shape[2] * seq_len * 4 / 2**20))  # float32 (B, D, T) each
             spectral = gated_spectral_channels(u_spectrum, filter_spectrum, weights, self.spectral_proj,
                                                self.spectral_proj_multiplier, seq_len, chunk, saved)
-        else:
-            spectral = self.autograd_channels(u_spectrum, filter_spectrum, weights, seq_len)
         # 4. Plus the skip and local paths.
         return self.combine(u, spectral.transpose(1, 2))  # (B, T, D)
 
@@ -241,11 +241,10 @@ class ESSSMSpectralMixer(nn.Module):
         return max(1, min(self.chunk_size, int(max_bytes // bytes_per_channel)))
 
     def autograd_channels(self, u_spectrum, filter_spectrum, weights, seq_len: int) -> torch.Tensor:
-        """The gated channels in plain autograd, for inference and for training that keeps the convolutions for
-        backward (`spectral_recompute=False`), compiled or not: (B, D, T) float32.
+        """The gated channels in plain autograd, for training that keeps the convolutions for backward
+        (`spectral_recompute=False`), compiled or not: (B, D, T) float32.
 
-        At inference, chunks keep the convolution memory within chunk_bytes whatever the budget. Kept for training,
-        each chunk's temporaries stay under glibc's largest mmap threshold, so that freed ones are reused instead of
+        Each chunk's temporaries stay under glibc's largest mmap threshold, so that freed ones are reused instead of
         coming back as fresh pages the kernel zeroes (docs/performance.md). torch.compile would build a graph per
         number of chunks (more budgets than its recompilation limit), so compiled code runs one chunk.
         """
@@ -253,10 +252,8 @@ class ESSSMSpectralMixer(nn.Module):
         spectral_budget, n_fft = filter_spectrum.shape[0], 2 * (n_freq - 1)
         if torch.compiler.is_compiling():
             chunk = spectral_budget
-        elif torch.is_grad_enabled():
-            chunk = self.channels_per_chunk(batch, hidden, n_fft, min(self.chunk_bytes, REUSED_BYTES))
         else:
-            chunk = self.channels_per_chunk(batch, hidden, n_fft, self.chunk_bytes)
+            chunk = self.channels_per_chunk(batch, hidden, n_fft, min(self.chunk_bytes, REUSED_BYTES))
         # Chunks are summed in float32 even when autocast runs their GEMMs in bf16.
         spectral = u_spectrum.new_zeros(batch, hidden, seq_len, dtype=torch.float32)  # (B, D, T)
         # A while loop, not range(0, spectral_budget, chunk): torch.compile then guards on the number of

@@ -1,4 +1,4 @@
-"""The gated spectral channels of the ES-SSM mixer in training: a forward and a backward that recomputes.
+"""The gated spectral channels of the ES-SSM mixer on whole sequences: a forward, and a backward that recomputes.
 
     out(t) = sum_j a_j(t) * (phi_j * u)(t) M_j        (B, D, T), over the active channels j, chunk by chunk
 
@@ -12,11 +12,12 @@ no projection GEMM. Two costs go away:
 - fresh pages: a chunk's features and their gradient live in buffers that every chunk, layer and step reuse, and
   the FFTs run one channel at a time, on inputs and outputs of a few MB that stay in cache and that glibc reuses
   when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
-  kernel as pages it zeroes again at every allocation.
+  kernel as pages it zeroes again at every allocation. For that reason inference runs the forward too (nothing
+  saved).
 
 Forward and backward are custom operators (`torch.library.custom_op`), which torch.compile keeps whole in its graphs.
-`modeling_essm.ESSSMSpectralMixer.project_channels` is the same computation in plain autograd (the kept path and
-inference); tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
+`modeling_essm.ESSSMSpectralMixer.project_channels` is the same computation in plain autograd (the kept path);
+tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
 """
 
 import math
@@ -41,7 +42,8 @@ class ChunkWorkspace(threading.local):
         flat = self.buffers.get(key)
         if flat is None or flat.numel() < numel:
             self.buffers.pop(key, None)  # free the smaller one first: the peak is one buffer, not two
-            flat = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            with torch.inference_mode(False):  # one made under inference mode could not be written in training
+                flat = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return flat[:numel].view(shape)
 
     def clear(self):
@@ -115,7 +117,7 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     device_type = u_spectrum.device.type
     autocast = torch.is_autocast_enabled(device_type)
     gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u_spectrum.real.dtype
-    if not (weights.requires_grad or projections.requires_grad):
+    if not (torch.is_grad_enabled() and (weights.requires_grad or projections.requires_grad)):
         saved = 0  # the saved convolutions serve only the gate's and the projections' gradients
     saved = torch.sym_min(saved, k)  # symbolic under torch.compile: budgets share graphs
     out, _ = gated_channels(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, saved,

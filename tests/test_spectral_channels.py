@@ -129,7 +129,7 @@ def test_frozen_inputs_get_no_gradient_and_the_others_the_same(trained):
 
 
 def test_nothing_is_saved_when_neither_the_gate_nor_the_projections_need_a_gradient(monkeypatch):
-    """The saved convolutions serve only those two gradients: with both frozen, forward keeps none."""
+    """The saved convolutions serve only those two gradients: with both frozen, or at inference, forward keeps none."""
     import modeling_essm.spectral_channels as spectral_channels
 
     forward, saved = spectral_channels.gated_channels, []
@@ -137,7 +137,25 @@ def test_nothing_is_saved_when_neither_the_gate_nor_the_projections_need_a_gradi
     u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
     gated_spectral_channels(u_spectrum.requires_grad_(), filter_spectrum, weights, projections, 2.0, 12, 2, 3)
     gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections.requires_grad_(), 2.0, 12, 2, 3)
-    assert saved == [0, 3]
+    with torch.no_grad():
+        gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, 2.0, 12, 2, 3)
+    assert saved == [0, 3, 0]
+
+
+def test_buffers_made_at_inference_serve_training_and_inference_alike():
+    """Inference runs the forward operator too; the buffers it makes under inference mode must stay writable."""
+    release_workspace()
+    torch.manual_seed(0)
+    model = ESSSMForCausalLM(tiny_config(spectral_recompute=True))
+    x = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model(x).logits
+    model(x, labels=x).loss.backward()  # raised "Inplace update to inference tensor" on buffers made above
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)
+    release_workspace()
 
 
 def test_mismatched_gate_or_projections_are_refused_before_any_work():
