@@ -20,6 +20,7 @@ Forward and backward are custom operators (`torch.library.custom_op`), which tor
 tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
 """
 
+import itertools
 import math
 import re
 import threading
@@ -70,6 +71,18 @@ def channel_convolution(u_spectrum, channel_spectrum, seq_len: int) -> torch.Ten
     reused = WORKSPACE.get("spectrum", u_spectrum.shape, u_spectrum.dtype, u_spectrum.device)
     spectrum = torch.mul(u_spectrum, channel_spectrum, out=reused)  # (B, D, F)
     return torch.fft.irfft(spectrum, n=2 * (u_spectrum.shape[-1] - 1))[..., :seq_len]
+
+
+# A channel's FFTs run on a few sequences at a time, so that each output stays within this many bytes: in a plain
+# process glibc handed larger freed outputs back to the kernel often enough that batches of 8 x 1,024 tokens faulted
+# in 1.2 GB of fresh pages per forward (docs/performance.md).
+FFT_BLOCK_BYTES = 8 * 2**20
+
+
+def batch_blocks(batch: int, hidden: int, n_fft: int) -> list[slice]:
+    """Slices of the batch whose (b, D, n_fft) float32 FFTs stay within FFT_BLOCK_BYTES, one sequence at least."""
+    step = max(1, FFT_BLOCK_BYTES // (hidden * n_fft * 4))
+    return [slice(first, min(first + step, batch)) for first in range(0, batch, step)]
 
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -135,14 +148,15 @@ def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weig
     device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
     out = torch.empty(batch, hidden, seq_len, dtype=real_dtype, device=device)  # the first chunk's GEMM writes it
     saved_convolutions = torch.empty(batch, saved, hidden, seq_len, dtype=real_dtype, device=device)
+    blocks = batch_blocks(batch, hidden, 2 * (u_spectrum.shape[-1] - 1))
     for start in range(0, filter_spectrum.shape[0], chunk):
         end = min(start + chunk, filter_spectrum.shape[0])
         features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
-        for j in range(start, end):  # a_j(t) (phi_j * u)(t), straight from the inverse FFT
-            conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+        for j, rows in itertools.product(range(start, end), blocks):  # a_j(t) (phi_j * u)(t) from the inverse FFT
+            conv = channel_convolution(u_spectrum[rows], filter_spectrum[j], seq_len)  # (b, D, T)
             if j < saved:
-                conv = saved_convolutions[:, j].copy_(conv)
-            torch.mul(conv, weights[:, j, None], out=features[:, j - start])
+                conv = saved_convolutions[rows, j].copy_(conv)
+            torch.mul(conv, weights[rows, j, None], out=features[rows, j - start])
         # M^T @ features, time last (see project_channels for why this orientation).
         mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
         lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
@@ -186,6 +200,7 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
     # The rFFT's input, zero-padded to n_fft once: each channel then writes only its first seq_len samples.
     padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
     padded[..., seq_len:].zero_()
+    blocks = batch_blocks(batch, hidden, n_fft)
     for start in range(0, filter_spectrum.shape[0], chunk):
         end = min(start + chunk, filter_spectrum.shape[0])
         shape = (batch, end - start, hidden, seq_len)
@@ -198,15 +213,16 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
         # grad_features summed over D) and, weighted by the gate, the features.
         features = WORKSPACE.get("features", shape, real_dtype, device)
         gate_terms = WORKSPACE.get("gate_terms", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
-        for j in range(start, end) if gate_grad or projections_grad else ():
+        for j, rows in itertools.product(range(start, end), blocks) if gate_grad or projections_grad else ():
             if j < saved_convolutions.shape[1]:
-                conv = saved_convolutions[:, j]  # (B, D, T)
+                conv = saved_convolutions[rows, j]  # (b, D, T)
             else:
-                conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+                conv = channel_convolution(u_spectrum[rows], filter_spectrum[j], seq_len)  # (b, D, T)
             if gate_grad:
-                torch.sum(torch.mul(conv, grad_features[:, j - start], out=gate_terms), dim=1, out=grad_weights[:, j])
+                terms = torch.mul(conv, grad_features[rows, j - start], out=gate_terms[rows])
+                torch.sum(terms, dim=1, out=grad_weights[rows, j])
             if projections_grad:
-                torch.mul(conv, weights[:, j, None], out=features[:, j - start])
+                torch.mul(conv, weights[rows, j, None], out=features[rows, j - start])
         # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
         if projections_grad:
             lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
@@ -214,9 +230,9 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
             for b in range(batch):
                 matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
         # 4. The input spectrum's gradient: each convolution's adjoint applied to d out / d conv.
-        for j in range(start, end) if input_grad else ():
-            torch.mul(grad_features[:, j - start], weights[:, j, None], out=padded[..., :seq_len])  # d out / d conv
-            grad_u_spectrum.addcmul_(torch.fft.rfft(padded), adjoint_filters[j])  # (B, D, F)
+        for j, rows in itertools.product(range(start, end), blocks) if input_grad else ():
+            torch.mul(grad_features[rows, j - start], weights[rows, j, None], out=padded[rows, :, :seq_len])
+            grad_u_spectrum[rows].addcmul_(torch.fft.rfft(padded[rows]), adjoint_filters[j])  # (b, D, F)
     return grad_u_spectrum, grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
 
 

@@ -158,6 +158,28 @@ def test_buffers_made_at_inference_serve_training_and_inference_alike():
     release_workspace()
 
 
+def test_ffts_on_blocks_of_the_batch_give_the_same_outputs_and_gradients(monkeypatch):
+    """A channel's FFTs run on a few sequences at a time (FFT_BLOCK_BYTES); each block writes its own rows."""
+    import modeling_essm.spectral_channels as spectral_channels
+
+    def run():
+        u_spectrum, filter_spectrum, weights, projections = channel_inputs(3, 8, 12, 5)
+        inputs = [u_spectrum.requires_grad_(), weights.requires_grad_(), projections.requires_grad_()]
+        out = gated_spectral_channels(inputs[0], filter_spectrum, inputs[1], inputs[2], 2.0, 12, 2, 2)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        return [out.detach()] + [x.grad for x in inputs]
+
+    whole = run()
+    blocks, convolution = [], spectral_channels.channel_convolution
+    monkeypatch.setattr(spectral_channels, "channel_convolution",
+                        lambda u_spectrum, *rest: blocks.append(u_spectrum.shape[0]) or convolution(u_spectrum, *rest))
+    monkeypatch.setattr(spectral_channels, "FFT_BLOCK_BYTES", 2 * 8 * fft_length(12) * 4)  # two sequences
+    for blocked, expected in zip(run(), whole):
+        torch.testing.assert_close(blocked, expected, atol=1e-6, rtol=1e-6)
+    # Forward: 5 channels x blocks of 2 + 1 sequences; backward recomputes the 3 unsaved ones.
+    assert blocks == [2, 1] * (5 + 3)
+
+
 def test_mismatched_gate_or_projections_are_refused_before_any_work():
     u_spectrum, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 3)
     with pytest.raises(ValueError, match="3 filters need 3 gate weights per token \\(got 2\\)"):
