@@ -93,11 +93,12 @@ class ESSSMConfig(PreTrainedConfig):
             sign j - 1 times over L steps) reach only weakly. Measured in docs/training.md: in short runs it
             changed ListOps, the byte LM and spoken digits little and slowed a long-range recall task, so it is off
             by default.
-        spectral_chunk_size (`int`, defaults to 8): at most this many channels are convolved and projected
-            together at inference (bigger chunks mean bigger GEMMs).
+        spectral_chunk_size (`int`, defaults to 8): at most this many channels are projected together by one GEMM
+            (bigger chunks mean bigger GEMMs).
         spectral_chunk_mb (`float`, defaults to 64.0): and at most as many as keep one chunk's float32
-            convolution output within this many MB, so that inference memory stops growing with the budget
-            on long inputs (at D=256: 8 channels up to L=4096, 2 at L=16384).
+            convolution output within this many MB, and within the paths' own caps (16 MB for inference and
+            recomputed training, 30 MB for kept training), so that memory stops growing with the budget on long
+            inputs.
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
             backward instead of keeping them (two custom operators, spectral_channels.py: forward saves the input
             spectrum, the gate, the projections and the convolutions within spectral_saved_mb, both run the FFTs one
