@@ -103,9 +103,10 @@ class ESSSMConfig(PreTrainedConfig):
             backward instead of keeping them (two custom operators, spectral_channels.py: forward saves the input
             spectrum, the gate, the projections and the convolutions within spectral_saved_mb, both run the FFTs one
             channel at a time and keep each chunk's features in buffers that all layers and steps reuse), so that
-            activation memory does not grow with the budget past that cap, compiled (torch.compile) or not. Set it to False to keep them (plain autograd, chunks of under
-            30 MB; one chunk when compiled): memory then grows in proportion to the budget, for about the same
-            speed (docs/performance.md). Outputs and gradients are the same.
+            activation memory does not grow with the budget past that cap, compiled (torch.compile) or not. Set it
+            to False to keep them (plain autograd, chunks of under 30 MB; one chunk when compiled): memory then
+            grows in proportion to the budget, for about the same speed (docs/performance.md). Outputs and gradients
+            are the same. Inference runs the forward operator either way.
         spectral_saved_mb (`float`, defaults to 30.0): with spectral_recompute, the convolutions of the first
             channels are saved for backward instead of recomputed, up to this many MB per layer (float32
             (B, D, T) per channel: at D=256 and batch 1, 30 channels at L=1024, 7 at L=4096, none past L=30720).

@@ -6,9 +6,10 @@ at every layer and step (FFT spectra, activations), so each one is faulted in an
 kernel again: measured at half of an ES-SSM training step and 44% of the mixer's inference time (L=4096) before
 the mixer's training chunks ran in reused buffers. Training no longer needs it: with the recomputing operators, the
 switch moved the reference LM's training speed to 0.91-1.03x of its rate without (medians over paired rounds at 512
-to 4,096 tokens, before the saved convolutions: docs/training_speed.json as of commit 644e3c4), where it had sped up the checkpointed chunks by 41% at 1,024 tokens (docs/performance.md).
-Nor does inference, since it runs the same forward operator: in a plain process the reference LM's forward takes
-0.9-1.2x its time with the switch, where it took about 2x (probes at 1 x 4,096 and 8 x 1,024 tokens, docs/performance.md).
+to 4,096 tokens, before the saved convolutions: docs/training_speed.json as of commit 644e3c4), where it had sped up
+the checkpointed chunks by 41% at 1,024 tokens (docs/performance.md). Nor does inference, since it runs the same
+forward operator: in a plain process the reference LM's forward takes 0.9-1.2x its time with the switch, where it
+took about 2x (probes at 1 x 4,096 and 8 x 1,024 tokens, docs/performance.md).
 Keeping freed memory on the heap removes that cost for any model, at the price of a resident set that stays at
 its peak. It is process-wide, so the package never changes it
 on import, and no library function does: our commands (essm-train, essm-eval-budgets, essm-compare, the

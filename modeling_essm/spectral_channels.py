@@ -73,9 +73,9 @@ def channel_convolution(u_spectrum, channel_spectrum, seq_len: int) -> torch.Ten
     return torch.fft.irfft(spectrum, n=2 * (u_spectrum.shape[-1] - 1))[..., :seq_len]
 
 
-# A channel's FFTs run on a few sequences at a time, so that each output stays within this many bytes: in a plain
-# process glibc handed larger freed outputs back to the kernel often enough that batches of 8 x 1,024 tokens faulted
-# in 1.2 GB of fresh pages per forward (docs/performance.md).
+# A channel's FFTs run on a few sequences at a time, so that each output stays within this many bytes, as at batch 1
+# where glibc reuses freed outputs: with one 16 MB output per channel at 8 x 1,024 tokens, six forwards in a plain
+# process faulted in 7.3 GB of fresh pages, 4.4 GB with these blocks (probes, docs/performance.md).
 FFT_BLOCK_BYTES = 8 * 2**20
 
 
