@@ -39,11 +39,12 @@ def train_sharded_main(argv=None):
 @contextlib.contextmanager
 def user_errors_in_one_line(parser):
     """A bad run config, argument or missing file ends the command with one line and exit status 2."""
+    from .cpu_allocator import AllocatorRequestError
     from .training import RunConfigError
 
     try:
         yield
-    except (RunConfigError, FileNotFoundError) as error:
+    except (RunConfigError, AllocatorRequestError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
@@ -90,7 +91,7 @@ def train_main(argv=None):
 
     with user_errors_in_one_line(parser):
         run_config = load_run_config(args.config, args.overrides)
-    reuse_freed_memory_in_command()
+        reuse_freed_memory_in_command()
     train(run_config, resume_from_checkpoint=args.resume)
     close_process_group()
 
@@ -114,7 +115,7 @@ def eval_budgets_main(argv=None):
 
     with user_errors_in_one_line(parser):
         check_sweep_request(args.model_dir, args.budgets, args.data)  # before the data and the model load
-    reuse_freed_memory_in_command()
+        reuse_freed_memory_in_command()
     command = shlex.join(["essm-eval-budgets", *(sys.argv[1:] if argv is None else argv)])
     eval_budgets(
         args.model_dir,

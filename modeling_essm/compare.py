@@ -137,7 +137,8 @@ def compare(config_path, models=MODELS, overrides=(), results_dir=DEFAULT_RESULT
             reuses_freed_memory=False):
     """Train and evaluate each of `models` on the run config at `config_path`; one JSON each.
 
-    `reuses_freed_memory` is recorded with the results (the command switches the allocator setting on).
+    `reuses_freed_memory` is recorded with the results (the command switches the allocator setting on when
+    asked to: modeling_essm.cpu_allocator).
     """
     check_models(models)
     run_config = load_run_config(config_path, overrides)
@@ -162,4 +163,5 @@ def main(argv=None):
     command = shlex.join(["essm-compare", *(sys.argv[1:] if argv is None else argv)])
     with user_errors_in_one_line(parser):
         load_run_config(args.config, args.overrides)  # every check, before the allocator or any data
-    compare(args.config, models, args.overrides, args.results_dir, command, reuse_freed_memory_in_command())
+        reuses_freed_memory = reuse_freed_memory_in_command()
+    compare(args.config, models, args.overrides, args.results_dir, command, reuses_freed_memory)

@@ -4,7 +4,8 @@ The reference ES-SSM LM (D=256, 8 layers, K=32, trained at its full budget) with
 backward or recomputed (`spectral_recompute`; by default with the first channels' convolutions saved within
 `spectral_saved_mb`, or with none saved), against the parameter-matched Llama (SDPA) and Mamba (with the
 `mambapy` package's parallel scan) of scripts/bench_forward.py, and both ES-SSM paths once more with glibc keeping
-freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our commands turn on):
+freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our commands turn on only when
+ESSM_REUSE_FREED_MEMORY=1):
 
     python scripts/bench_training_speed.py --lengths 512 1024 2048 4096 --output docs/training_speed.json
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from modeling_essm import ESSSMForCausalLM
-from modeling_essm.cpu_allocator import reuse_freed_memory
+from modeling_essm.cpu_allocator import reuse_freed_memory_in_command
 from modeling_essm.evaluation import sweep_budgets
 from modeling_essm.training import load_run_config, train
 
@@ -73,7 +73,7 @@ def main():
     if args.report:
         report(args.results_dir)
         return
-    reuse_freed_memory()  # as essm-train does: the same speed as the benchmark runs
+    reuse_freed_memory_in_command()  # as essm-train does
     for config_path in args.configs:
         for multiplier in [float(c) for c in args.multipliers.split(",")]:
             run(config_path, multiplier, args.steps, args.results_dir, args.overrides, args.tag)

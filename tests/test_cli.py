@@ -98,6 +98,25 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
     assert state["global_step"] == 3 and state["epoch"] == 1.0
 
 
+def test_a_bad_allocator_request_ends_the_commands_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ESSM_REUSE_FREED_MEMORY", "yes")
+    output_dir = tmp_path / "run"
+    model_dir = tmp_path / "model"
+    ESSSMConfig(num_spectral_filters=8).save_pretrained(model_dir)
+    (model_dir / "run_config.yaml").write_text("task: {name: listops}\ntraining: {output_dir: x}\n")
+    saved = sorted(model_dir.iterdir())
+    cases = [(train_main, [str(REPO / "configs/listops.yaml"), *tiny_overrides(output_dir)], "essm-train"),
+             (eval_budgets_main, [str(model_dir)], "essm-eval-budgets")]
+    for command, args, prog in cases:
+        with pytest.raises(SystemExit) as exit_status:
+            command(args)
+        assert exit_status.value.code == 2
+        error = capsys.readouterr().err
+        assert error == (f"{prog}: error: ESSM_REUSE_FREED_MEMORY must be 1 (keep freed memory for reuse) or 0 "
+                         "(glibc's defaults, also when unset), got 'yes'.\n")
+    assert not output_dir.exists() and sorted(model_dir.iterdir()) == saved  # no report written either
+
+
 def test_user_errors_end_the_commands_with_one_line_and_status_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: {name: listops}\ntraining: {output_dir: out, max_stepz: 3}\n")

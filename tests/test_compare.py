@@ -112,6 +112,13 @@ def test_unknown_model_lists_the_valid_ones_before_training(tmp_path, no_trainin
         parse_models(" , ")
 
 
+def test_a_bad_allocator_request_fails_before_training(tmp_path, no_training, monkeypatch, capsys):
+    monkeypatch.setenv("ESSM_REUSE_FREED_MEMORY", "on")
+    with pytest.raises(SystemExit):
+        compare.main([str(write_tiny_config(tmp_path)), "--models", "essm"])
+    assert "ESSM_REUSE_FREED_MEMORY must be 1 (keep freed memory for reuse) or 0" in capsys.readouterr().err
+
+
 def test_missing_config_fails_before_training(tmp_path, no_training):
     with pytest.raises(FileNotFoundError, match="run config not found"):
         compare.compare(tmp_path / "missing.yaml", ["essm"])
