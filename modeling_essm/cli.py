@@ -38,7 +38,8 @@ def train_sharded_main(argv=None):
 
 @contextlib.contextmanager
 def user_errors_in_one_line(parser):
-    """A bad run config, argument or missing file ends the command with one line and exit status 2."""
+    """A bad run config, argument, ESSM_REUSE_FREED_MEMORY value or missing file ends the command with one line and
+    exit status 2."""
     from .cpu_allocator import AllocatorRequestError
     from .training import RunConfigError
 
