@@ -310,7 +310,9 @@ def render(results, docs_dir, results_dir):
         "ratios between models as rough.",
         "",
         "Reproduce everything (one thread per process is faster on a busy 2-core machine; the `bench` extra "
-        "installs `mambapy`, whose parallel scan trains Mamba about 10x faster on CPU):",
+        "installs `mambapy`, whose parallel scan trains Mamba about 10x faster on CPU). The runs below had glibc keep "
+        "freed memory for reuse, which `essm-compare` then did by default and now does with "
+        "`ESSM_REUSE_FREED_MEMORY=1`; it changes speeds, not results:",
         "",
         "```",
         'pip install -e ".[bench]"',
