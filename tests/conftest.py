@@ -11,6 +11,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import modeling_essm  # noqa: E402  (registers the Auto classes)
 
 
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """Benchmark entry points under test (bench_speculative.main, bench_training_speed's step) set one thread for
+    their process, which here is the test session's: every later test would run on one thread."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides):
     """A model small enough for exhaustive checks on 2 CPU cores, with every component enabled."""
     settings = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_spectral_filters=16,
