@@ -87,12 +87,13 @@ def train_main(argv=None):
     )
     args = parser.parse_args(argv)
     require_extra(parser.prog, "train")
-    from .cpu_allocator import reuse_freed_memory_in_command
+    from .cpu_allocator import reuse_freed_memory_in_command, reuse_freed_memory_requested
     from .training import close_process_group, load_run_config, train
 
     with user_errors_in_one_line(parser):
+        reuse_requested = reuse_freed_memory_requested()
         run_config = load_run_config(args.config, args.overrides)
-        reuse_freed_memory_in_command()
+    reuse_freed_memory_in_command(reuse_requested)
     train(run_config, resume_from_checkpoint=args.resume)
     close_process_group()
 
@@ -111,12 +112,13 @@ def eval_budgets_main(argv=None):
     parser.add_argument("--output-dir", help="where to write the report (default: model_dir)")
     args = parser.parse_args(argv)
     require_extra(parser.prog, "train")
-    from .cpu_allocator import reuse_freed_memory_in_command
+    from .cpu_allocator import reuse_freed_memory_in_command, reuse_freed_memory_requested
     from .evaluation import check_sweep_request, eval_budgets
 
     with user_errors_in_one_line(parser):
+        reuse_requested = reuse_freed_memory_requested()  # before a Hub model's config is fetched
         check_sweep_request(args.model_dir, args.budgets, args.data)  # before the data and the model load
-        reuse_freed_memory_in_command()
+    reuses_freed_memory = reuse_freed_memory_in_command(reuse_requested)
     command = shlex.join(["essm-eval-budgets", *(sys.argv[1:] if argv is None else argv)])
     eval_budgets(
         args.model_dir,
@@ -128,6 +130,7 @@ def eval_budgets_main(argv=None):
         data=args.data,
         text_column=args.text_column,
         label_column=args.label_column,
+        reuses_freed_memory=reuses_freed_memory,
     )
 
 

@@ -29,7 +29,7 @@ import transformers
 from .baselines import BASELINES, count_parameters, matched_baseline
 from .cli import add_override_argument, user_errors_in_one_line
 from .configuration_essm import ESSSMConfig
-from .cpu_allocator import reuse_freed_memory_in_command
+from .cpu_allocator import reuse_freed_memory_in_command, reuse_freed_memory_requested
 from .evaluation import eval_budgets, measure
 from .training import load_run_config, train
 
@@ -95,7 +95,8 @@ def run_model(run_config, model_name, results_dir, command=None, reuses_freed_me
     causal_lm = trainer.model.can_generate()  # as ESSSMTrainer decides it: the language models generate
     batch_size = trainer.args.per_device_eval_batch_size
     if model_name in ESSM_MODELS:
-        budgets, _ = eval_budgets(trainer.args.output_dir, batch_size=batch_size, command=command)
+        budgets, _ = eval_budgets(trainer.args.output_dir, batch_size=batch_size, command=command,
+                                  reuses_freed_memory=reuses_freed_memory)
         full_budget = budgets[-1]
     else:
         budgets = None
@@ -162,6 +163,7 @@ def main(argv=None):
         parser.error(str(error))
     command = shlex.join(["essm-compare", *(sys.argv[1:] if argv is None else argv)])
     with user_errors_in_one_line(parser):
+        reuse_requested = reuse_freed_memory_requested()
         load_run_config(args.config, args.overrides)  # every check, before the allocator or any data
-        reuses_freed_memory = reuse_freed_memory_in_command()
-    compare(args.config, models, args.overrides, args.results_dir, command, reuses_freed_memory)
+    compare(args.config, models, args.overrides, args.results_dir, command,
+            reuse_freed_memory_in_command(reuse_requested))

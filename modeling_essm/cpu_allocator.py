@@ -41,10 +41,10 @@ def _glibc():
 def reuse_freed_memory(enabled: bool = True) -> bool:
     """Keep freed memory on the heap for reuse (True), or hand it back as glibc's default settings do (False).
 
-    False restores the default values but not glibc's adaptive thresholds, which any mallopt call turns off
-    (mallopt(3)): from then on every allocation above the mmap threshold reached so far (128 kB if no large block
-    had been freed) gets fresh pages, where a process that never switched raises that threshold to reuse freed
-    blocks of up to 32 MB. Only a fresh process has glibc's full defaults.
+    False restores the default values but not glibc's adaptive thresholds, which setting any threshold turns off
+    (mallopt(3); both branches here set two): from then on every allocation above the mmap threshold reached so far
+    (128 kB if no large block had been freed) gets fresh pages, where a process that never switched raises that
+    threshold to reuse freed blocks of up to 32 MB. Only a fresh process has glibc's full defaults.
     Returns whether the setting took effect: False where the C library is not glibc.
     """
     libc = _glibc()
@@ -70,9 +70,7 @@ def reuse_freed_memory_requested() -> bool:
     return value == "1"
 
 
-def reuse_freed_memory_in_command() -> bool:
-    """What a command calls at its start: `reuse_freed_memory()` if $ESSM_REUSE_FREED_MEMORY is 1, else nothing.
-
-    Returns whether the setting is on.
-    """
-    return reuse_freed_memory() if reuse_freed_memory_requested() else False
+def reuse_freed_memory_in_command(requested: bool) -> bool:
+    """What a command calls once its checks have passed, with `reuse_freed_memory_requested()` read before them:
+    `reuse_freed_memory()` if requested. Returns whether the setting is on."""
+    return reuse_freed_memory() if requested else False

@@ -240,9 +240,12 @@ def check_sweep_request(model_dir, budgets=None, data=None) -> None:
 
 
 def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, output_dir=None, command=None,
-                 data=None, text_column="text", label_column="label"):
+                 data=None, text_column="text", label_column="label", reuses_freed_memory=False):
     """Sweep a saved model over `budgets` (default: the grid) on the eval split of its task (a training run's
-    output_dir) or on `data` (your file or datasets folder; then `model_dir` may be any saved model or Hub id)."""
+    output_dir) or on `data` (your file or datasets folder; then `model_dir` may be any saved model or Hub id).
+
+    `reuses_freed_memory` is recorded with the report: whether the calling command had glibc keep freed memory for
+    reuse (modeling_essm.cpu_allocator), which changes the tokens/s but not the quality."""
     check_sweep_request(model_dir, budgets, data)
     dataset, collator, causal_lm, source = evaluation_data(model_dir, data, max_eval_samples, text_column,
                                                            label_column)
@@ -262,6 +265,7 @@ def eval_budgets(model_dir, budgets=None, batch_size=32, max_eval_samples=None, 
         "eval_samples": len(dataset),
         "batch_size": batch_size,
         "num_threads": torch.get_num_threads(),
+        "reuses_freed_memory": reuses_freed_memory,
         "device": str(model.device),
         "command": command,
     }

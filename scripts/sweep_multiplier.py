@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 
 from modeling_essm import ESSSMForCausalLM
-from modeling_essm.cpu_allocator import reuse_freed_memory_in_command
+from modeling_essm.cpu_allocator import (AllocatorRequestError, reuse_freed_memory_in_command,
+                                         reuse_freed_memory_requested)
 from modeling_essm.evaluation import sweep_budgets
 from modeling_essm.training import load_run_config, train
 
 RESULTS_DIR = Path("results/multiplier")
 
 
-def run(config_path, multiplier, steps, results_dir, overrides=(), tag=""):
+def run(config_path, multiplier, steps, results_dir, overrides=(), tag="", reuses_freed_memory=False):
     name = Path(config_path).stem + (f"-{tag}" if tag else "")
     output_dir = f"outputs/multiplier/{name}-c{multiplier:g}-steps{steps}"
     settings = [f"model.spectral_proj_multiplier={multiplier}", f"training.output_dir={output_dir}",
@@ -40,7 +41,8 @@ def run(config_path, multiplier, steps, results_dir, overrides=(), tag=""):
                          batch_size=trainer.args.per_device_eval_batch_size, causal_lm=causal_lm)
     train_loss = next(entry["train_loss"] for entry in reversed(trainer.state.log_history) if "train_loss" in entry)
     result = {"task": name, "multiplier": multiplier, "steps": trainer.state.global_step,
-              "train_seconds": train_seconds, "train_loss": train_loss, "budgets": rows, "overrides": settings}
+              "train_seconds": train_seconds, "train_loss": train_loss, "budgets": rows, "overrides": settings,
+              "reuses_freed_memory": reuses_freed_memory}  # changes train_seconds, not the quality
     path = Path(results_dir) / f"{name}-c{multiplier:g}-steps{trainer.state.global_step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -73,10 +75,15 @@ def main():
     if args.report:
         report(args.results_dir)
         return
-    reuse_freed_memory_in_command()  # as essm-train does
+    try:
+        reuse_requested = reuse_freed_memory_requested()
+    except AllocatorRequestError as error:
+        parser.error(str(error))
+    # As essm-train does, so that train_seconds compare with its runs.
+    reuses_freed_memory = reuse_freed_memory_in_command(reuse_requested)
     for config_path in args.configs:
         for multiplier in [float(c) for c in args.multipliers.split(",")]:
-            run(config_path, multiplier, args.steps, args.results_dir, args.overrides, args.tag)
+            run(config_path, multiplier, args.steps, args.results_dir, args.overrides, args.tag, reuses_freed_memory)
 
 
 if __name__ == "__main__":

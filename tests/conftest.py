@@ -6,6 +6,8 @@ import torch
 # Filters computed by the tests go to a throw-away cache, never the user's.
 os.environ.setdefault("ESSM_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The commands under test read it; one exported in the shell would switch the session's allocator for good.
+os.environ.pop("ESSM_REUSE_FREED_MEMORY", None)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import modeling_essm  # noqa: E402  (registers the Auto classes)

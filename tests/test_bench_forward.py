@@ -29,6 +29,8 @@ def bench(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "DOCS", tmp_path)
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned memory measurements import it by name
     monkeypatch.setitem(sys.modules, "bench_forward", module)
+    # Its timings switch glibc's reuse on and off, which this process could not undo (cpu_allocator).
+    monkeypatch.setattr(module, "reuse_freed_memory", lambda enabled=True: True)
     return module
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fake_archives import fsdd_archive, wav_bytes
-from modeling_essm import compare
+from modeling_essm import compare, cpu_allocator
 from modeling_essm.compare import MODELS, model_run_config, parse_models
 
 
@@ -51,9 +51,11 @@ def test_fixed_variant_trains_only_at_full_budget_in_its_own_directory(tmp_path)
     assert run_config["training"]["output_dir"] == "outputs/bench/listops"  # the shared config is left alone
 
 
-def test_comparison_writes_one_well_formed_json_per_model(tmp_path):
+def test_comparison_writes_one_well_formed_json_per_model(tmp_path, monkeypatch):
     config = write_tiny_config(tmp_path)
     results_dir = tmp_path / "results"
+    monkeypatch.setenv("ESSM_REUSE_FREED_MEMORY", "1")  # recorded as switched on (a stand-in switch: no leak)
+    monkeypatch.setattr(cpu_allocator, "reuse_freed_memory", lambda: True)
     compare.main([str(config), "--models", "essm-fixed,llama", "--results-dir", str(results_dir)])
 
     fixed = json.loads((results_dir / "listops" / "essm-fixed.json").read_text())
@@ -65,6 +67,9 @@ def test_comparison_writes_one_well_formed_json_per_model(tmp_path):
         assert result["train_steps"] == 2 and result["train_seconds"] > 0
         assert result["settings"]["eval_samples"] == 8
         assert result["settings"]["command"].startswith("essm-compare ")
+        assert result["settings"]["reuses_freed_memory"] is True
+    sweep = json.loads((tmp_path / "runs" / "essm-fixed" / "budget_sweep.json").read_text())
+    assert sweep["settings"]["reuses_freed_memory"] is True
     assert [row["budget"] for row in fixed["budgets"]] == [2, 3, 4, 6, 8]
     assert fixed["budgets"][-1]["parameters"] == fixed["parameters"]
     assert fixed["accuracy"] == fixed["budgets"][-1]["accuracy"]
@@ -94,6 +99,7 @@ def test_baselines_on_real_valued_inputs_are_compared_like_the_others(tmp_path):
         result = json.loads((tmp_path / "results" / "audio" / f"{model}.json").read_text())
         assert result["metric"] == "accuracy" and 0.0 <= result["accuracy"] <= 1.0
         assert result["model_config"]["model_type"] == model and result["train_steps"] == 2
+        assert result["settings"]["reuses_freed_memory"] is False  # not asked for
 
 
 @pytest.fixture
@@ -114,9 +120,12 @@ def test_unknown_model_lists_the_valid_ones_before_training(tmp_path, no_trainin
 
 def test_a_bad_allocator_request_fails_before_training(tmp_path, no_training, monkeypatch, capsys):
     monkeypatch.setenv("ESSM_REUSE_FREED_MEMORY", "on")
-    with pytest.raises(SystemExit):
-        compare.main([str(write_tiny_config(tmp_path)), "--models", "essm"])
-    assert "ESSM_REUSE_FREED_MEMORY must be 1 (keep freed memory for reuse) or 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        compare.main([str(write_tiny_config(tmp_path)), "--models", "essm", "--results-dir", str(tmp_path / "results")])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err == ("essm-compare: error: ESSM_REUSE_FREED_MEMORY must be 1 (keep freed memory for "
+                                       "reuse) or 0 (glibc's defaults, also when unset), got 'on'.\n")
+    assert not (tmp_path / "results").exists()
 
 
 def test_missing_config_fails_before_training(tmp_path, no_training):
@@ -174,6 +183,16 @@ def test_results_page_has_a_table_per_run_task_and_marks_the_rest_not_yet_run(tm
     assert "![listops budget curves](results_listops.png)" in page
     assert "Observed: the curves are flat." in page
     assert set(MODELS) <= set(build_results.DESCRIPTIONS)
+    assert "Reproduce: `OMP_NUM_THREADS=1 essm-compare configs/bench/listops.yaml`" in page
+
+
+def test_reproduce_commands_ask_for_glibc_reuse_only_where_every_run_had_it():
+    had_it = {model: {"settings": {"reuses_freed_memory": True}} for model in ("essm", "llama")}
+    assert build_results.compare_command("lm", had_it) == (
+        "ESSM_REUSE_FREED_MEMORY=1 OMP_NUM_THREADS=1 essm-compare configs/bench/lm.yaml")
+    had_it["llama"]["settings"]["reuses_freed_memory"] = False
+    assert build_results.compare_command("lm", had_it) == "OMP_NUM_THREADS=1 essm-compare configs/bench/lm.yaml"
+    assert build_results.compare_command("lm", {}) == "OMP_NUM_THREADS=1 essm-compare configs/bench/lm.yaml"
 
 
 def test_results_page_shows_second_seeds_beside_the_first_with_their_mean(tmp_path):
