@@ -67,8 +67,8 @@ def hankel_eigenpairs(seq_len: int, num_filters: int) -> tuple[torch.Tensor, tor
 
     Returns (eigenvalues (K,) float64, descending; filters (L, K) float64, column k = k-th eigenvector,
     unit norm, entry of largest magnitude positive). Randomized subspace iteration with FFT matvecs,
-    seeded, so the result is reproducible on one machine and thread count (rounding elsewhere moves the tail
-    eigenvalues by up to ~1e-18). Eigenvalues are resolved down to ~1e-18 absolute; below that
+    seeded, so the result is reproducible for one machine and thread count (one thread instead of two moved
+    sigma_18 at L=512 by 1.1e-18). Eigenvalues are resolved down to ~1e-18 absolute; below that
     they may come out as tiny negatives and their vectors are arbitrary directions in the noise subspace.
     """
     seq_len, num_filters = _check_arguments(seq_len, num_filters)

@@ -59,7 +59,8 @@ def compare_command(task, results=None):
     """The command that runs a task; with ESSM_REUSE_FREED_MEMORY=1 when every run in `results` ({model: result})
     had glibc keep freed memory for reuse, so that its speeds reproduce too (the quality does not depend on it)."""
     reused = bool(results) and all(result["settings"].get("reuses_freed_memory") for result in results.values())
-    return ("ESSM_REUSE_FREED_MEMORY=1 " if reused else "") + f"OMP_NUM_THREADS=1 essm-compare configs/bench/{task}.yaml"
+    prefix = "ESSM_REUSE_FREED_MEMORY=1 " if reused else ""
+    return f"{prefix}OMP_NUM_THREADS=1 essm-compare configs/bench/{task}.yaml"
 
 
 def metric_label(metric):

@@ -8,7 +8,7 @@ from modeling_essm.spectral_filters import hankel_eigenpairs, num_filters_for_le
 # Float64 cannot resolve the tail to 1e-8 relative: against 40-digit mpmath at L=64 dense eigh is off by up to
 # 3e-19 absolute, i.e. 2e-8 relative at sigma_13/sigma_1 = 4e-11 and 2e-7 at sigma_14/sigma_1 = 4e-12 (rounding
 # Z's entries to float64 alone moves sigma_14 by 6e-9), and the subspace iteration's FFT matvecs round as well: at
-# L=512 on one thread of a Sapphire Rapids CPU its sigma_18 (2.9e-12) came out 1.1e-18 from dense eigh's, on two
+# L=512 on one thread of a Xeon with AVX-512 and AMX its sigma_18 (2.9e-12) came out 1.1e-18 from dense eigh's, on two
 # threads 6e-20 (every dense LAPACK driver agreeing within 5e-20). Both are far inside what a backward-stable solver
 # promises (eps * sigma_1 = 8e-17). So we ask for 1e-8 relative plus this absolute floor, about 5x the worst seen,
 # which only binds below sigma ~ 5e-10.
