@@ -107,11 +107,11 @@ class ESSSMConfig(PreTrainedConfig):
             to False to keep them (plain autograd, chunks of under 30 MB; one chunk when compiled): memory then
             grows in proportion to the budget, for about the same speed (docs/performance.md). Outputs and gradients
             are the same. Inference runs the forward operator either way.
-        spectral_saved_mb (`float`, defaults to 30.0): with spectral_recompute, the convolutions of the first
-            channels are saved for backward instead of recomputed, up to this many MB per layer (float32
-            (B, D, T) per channel: at D=256 and batch 1, 30 channels at L=1024, 7 at L=4096, none past L=30720).
-            Each saved channel spares one of its three FFTs per step, and the memory stays within this cap whatever
-            the budget. The default keeps the saved block under 32 MB, above which glibc gives every allocation
+        spectral_saved_mb (`float`, defaults to 30.0): with spectral_recompute, the gated convolutions of the
+            first channels (the projections' inputs) are saved for backward instead of recomputed, up to this many
+            MB per layer (float32 (B, D, T) per channel: at D=256 and batch 1, 30 channels at L=1024, 7 at L=4096,
+            none past L=30720). Each saved channel spares one of its three FFTs per step and its product with the
+            gate in backward, and the memory stays within this cap whatever the budget. The default keeps the saved block under 32 MB, above which glibc gives every allocation
             fresh pages that the kernel zeroes (docs/performance.md). 0 recomputes every channel.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.

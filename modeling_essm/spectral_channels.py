@@ -3,12 +3,13 @@
     out(t) = sum_j a_j(t) * (phi_j * u)(t) M_j        (B, D, T), over the active channels j, chunk by chunk
 
 Forward saves what backward needs to recompute the convolutions (the input spectrum, the gate, the projections),
-as FlashAttention and FlashFFTConv recompute instead of storing, plus the convolutions of the first `saved` channels,
-a number the mixer fits to a byte cap (`spectral_saved_mb`); backward recomputes the other channels' convolutions but
-no projection GEMM. Two costs go away:
+as FlashAttention and FlashFFTConv recompute instead of storing, plus the gated convolutions a_j(t) (phi_j * u)(t) of
+the first `saved` channels, a number the mixer fits to a byte cap (`spectral_saved_mb`); backward recomputes the other
+channels' but no projection GEMM. Two costs go away:
 
-- memory: apart from the capped saved convolutions nothing of size (B, k, D, T) outlives its chunk, so training
-  memory stops growing with the budget once the cap is reached; each saved channel spares a third of its FFTs;
+- memory: apart from the capped saved channels nothing of size (B, k, D, T) outlives its chunk, so training memory
+  stops growing with the budget once the cap is reached; each saved channel spares a third of its FFTs, and the
+  GEMMs read its gated convolutions where they are saved (no copy, and no product with the gate again in backward);
 - fresh pages: a chunk's features and their gradient live in buffers that every chunk, layer and step reuse, and
   the FFTs run one channel at a time, on inputs and outputs of a few MB that stay in cache and that glibc reuses
   when freed; a plain process that frees and re-allocates tens of MB per chunk instead gets them back from the
@@ -105,6 +106,13 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
 OPERATOR_PREFIX = "essm::" + re.sub(r"\W", "_", __name__)
 
 
+def channel_chunks(k: int, chunk: int, saved: int) -> list[tuple[int, int]]:
+    """(start, end) of the chunks of at most `chunk` channels over k, none across `saved`: a chunk's GEMMs then read
+    its gated convolutions from one block, the saved one or the workspace."""
+    return ([(start, min(start + chunk, saved)) for start in range(0, saved, chunk)]
+            + [(start, min(start + chunk, k)) for start in range(saved, k, chunk)])
+
+
 def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int,
                             chunk: int, saved: int = 0) -> torch.Tensor:
     """sum_j a_j(t) (phi_j * u)(t) M_j over k channels, `chunk` at a time: (B, D, T), time last.
@@ -112,11 +120,15 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     u_spectrum (B, D, F): rFFT of the inputs, time last, at the FFT size 2 * (F - 1) >= 2T (complex64, or
         complex128 for gradcheck: the outputs are real of the same precision);
     filter_spectrum (k, F): rFFT of the scaled filters at the same size (fixed buffers: no gradient);
-    weights (B, k, T): the gate, contiguous; projections (K, D, D), K >= k: the stored M_j, which the GEMMs scale
-        by `multiplier` (ESSSMConfig.spectral_proj_multiplier) instead of materialising the effective ones. Rows
-        past k get a zero gradient: the whole parameter, not its slice, spares autograd the slice's backward (a
-        zeroed (K, D, D) copy per layer);
-    saved: the first min(saved, k) channels keep their convolutions (B, saved, D, T) for backward instead of
+    weights (B, k, T): the gate, contiguous. Its gradient is read from the gated convolutions divided by the
+        weights: exact where they are normal floats, as a softmax gate's are (the mixer's RMS rescale bounds its
+        logits' spread by sqrt(2k), so every weight is at least exp(-sqrt(2k)) / k), and 0 where a weight is 0
+        (the softmax's input gradient does not depend on it there);
+    projections (K, D, D), K >= k: the stored M_j, which the GEMMs scale by `multiplier`
+        (ESSSMConfig.spectral_proj_multiplier) instead of materialising the effective ones. Rows past k get a zero
+        gradient: the whole parameter, not its slice, spares autograd the slice's backward (a zeroed (K, D, D) copy
+        per layer);
+    saved: the first min(saved, k) channels keep their gated convolutions (B, saved, D, T) for backward instead of
         recomputing them there.
     Under autocast the projections' GEMMs run in its dtype and the FFTs and the sum stay in full precision, as in
     `project_channels`; the dtype is read here, where torch.compile sees it, and handed to the operators.
@@ -131,7 +143,7 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     autocast = torch.is_autocast_enabled(device_type)
     gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u_spectrum.real.dtype
     if not (torch.is_grad_enabled() and (weights.requires_grad or projections.requires_grad)):
-        saved = 0  # the saved convolutions serve only the gate's and the projections' gradients
+        saved = 0  # the saved channels serve only the gate's and the projections' gradients
     saved = torch.sym_min(saved, k)  # symbolic under torch.compile: budgets share graphs
     out, _ = gated_channels(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, saved,
                             gemm_dtype)
@@ -143,25 +155,25 @@ def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weig
                    projections: torch.Tensor, multiplier: float, seq_len: int, chunk: int, saved: int,
                    gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of `gated_spectral_channels`, its projections' GEMMs in `gemm_dtype`: the output (B, D, T) and
-    the first `saved` channels' convolutions (B, saved, D, T), which backward reads instead of recomputing."""
+    the first `saved` channels' gated convolutions (B, saved, D, T), which backward reads instead of recomputing."""
     batch, hidden = u_spectrum.shape[:2]
     device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
     out = torch.empty(batch, hidden, seq_len, dtype=real_dtype, device=device)  # the first chunk's GEMM writes it
-    saved_convolutions = torch.empty(batch, saved, hidden, seq_len, dtype=real_dtype, device=device)
+    saved_features = torch.empty(batch, saved, hidden, seq_len, dtype=real_dtype, device=device)
     blocks = batch_blocks(batch, hidden, 2 * (u_spectrum.shape[-1] - 1))
-    for start in range(0, filter_spectrum.shape[0], chunk):
-        end = min(start + chunk, filter_spectrum.shape[0])
-        features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
+    for start, end in channel_chunks(filter_spectrum.shape[0], chunk, saved):
+        if start < saved:
+            features = saved_features[:, start:end]
+        else:
+            features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
         for j, rows in itertools.product(range(start, end), blocks):  # a_j(t) (phi_j * u)(t) from the inverse FFT
             conv = channel_convolution(u_spectrum[rows], filter_spectrum[j], seq_len)  # (b, D, T)
-            if j < saved:
-                conv = saved_convolutions[rows, j].copy_(conv)
             torch.mul(conv, weights[rows, j, None], out=features[rows, j - start])
         # M^T @ features, time last (see project_channels for why this orientation).
         mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
         lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
         matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=start > 0)
-    return out, saved_convolutions
+    return out, saved_features
 
 
 @gated_channels.register_fake
@@ -174,11 +186,11 @@ def _(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, ch
 
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels_backward", mutates_args=())
 def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor,
-                            weights: torch.Tensor, projections: torch.Tensor, saved_convolutions: torch.Tensor,
+                            weights: torch.Tensor, projections: torch.Tensor, saved_features: torch.Tensor,
                             multiplier: float, chunk: int, gemm_dtype: torch.dtype, input_grad: bool,
                             gate_grad: bool, projections_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `gated_channels` for u_spectrum, weights and projections, the convolutions past the saved
-    ones recomputed.
+    """The gradients of `gated_channels` for u_spectrum, weights and projections, the gated convolutions past the
+    saved ones recomputed.
 
     Only the gradients asked for are computed (the others come back empty): a frozen `spectral_proj`, as under LoRA
     on other layers, spares the projections' GEMM, and a frozen gate and projections spare the recomputation.
@@ -186,6 +198,7 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
     batch, hidden, n_freq = u_spectrum.shape
     seq_len, n_fft = grad_out.shape[-1], 2 * (n_freq - 1)
     device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
+    saved = saved_features.shape[1]
     grad_out_lowered = grad_out.to(gemm_dtype)  # (B, D, T)
     grad_u_spectrum = torch.zeros_like(u_spectrum) if input_grad else u_spectrum.new_empty(0)
     grad_weights = torch.empty(weights.shape if gate_grad else 0, dtype=real_dtype, device=device)
@@ -201,28 +214,25 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
     padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
     padded[..., seq_len:].zero_()
     blocks = batch_blocks(batch, hidden, n_fft)
-    for start in range(0, filter_spectrum.shape[0], chunk):
-        end = min(start + chunk, filter_spectrum.shape[0])
+    for start, end in channel_chunks(filter_spectrum.shape[0], chunk, saved):
         shape = (batch, end - start, hidden, seq_len)
         # 1. d out / d features = M @ grad_out.
         grad_features = WORKSPACE.get("grad_features", shape, real_dtype, device)
         if input_grad or gate_grad:
             mixing = projections[start:end].reshape(-1, hidden).to(gemm_dtype)  # (c*D, D)
             matmul_into(grad_features.flatten(1, 2), mixing.expand(batch, -1, -1), grad_out_lowered, multiplier)
-        # 2. The chunk's convolutions, saved or recomputed, give the gate's gradient (their product with
-        # grad_features summed over D) and, weighted by the gate, the features.
-        features = WORKSPACE.get("features", shape, real_dtype, device)
+        # 2. The chunk's gated convolutions (features), saved or recomputed, give the gate's gradient times the gate
+        # (their product with grad_features summed over D; divided by the gate below).
+        features = saved_features[:, start:end] if start < saved else WORKSPACE.get("features", shape, real_dtype,
+                                                                                    device)
         gate_terms = WORKSPACE.get("gate_terms", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
         for j, rows in itertools.product(range(start, end), blocks) if gate_grad or projections_grad else ():
-            if j < saved_convolutions.shape[1]:
-                conv = saved_convolutions[rows, j]  # (b, D, T)
-            else:
+            if j >= saved:
                 conv = channel_convolution(u_spectrum[rows], filter_spectrum[j], seq_len)  # (b, D, T)
-            if gate_grad:
-                terms = torch.mul(conv, grad_features[rows, j - start], out=gate_terms[rows])
-                torch.sum(terms, dim=1, out=grad_weights[rows, j])
-            if projections_grad:
                 torch.mul(conv, weights[rows, j, None], out=features[rows, j - start])
+            if gate_grad:
+                terms = torch.mul(features[rows, j - start], grad_features[rows, j - start], out=gate_terms[rows])
+                torch.sum(terms, dim=1, out=grad_weights[rows, j])
         # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
         if projections_grad:
             lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
@@ -233,11 +243,13 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
         for j, rows in itertools.product(range(start, end), blocks) if input_grad else ():
             torch.mul(grad_features[rows, j - start], weights[rows, j, None], out=padded[rows, :, :seq_len])
             grad_u_spectrum[rows].addcmul_(torch.fft.rfft(padded[rows]), adjoint_filters[j])  # (b, D, F)
+    if gate_grad:  # a weight of 0 gated its convolution to 0: its gradient reads 0 (see gated_spectral_channels)
+        grad_weights.div_(weights).masked_fill_(weights == 0, 0.0)
     return grad_u_spectrum, grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
 
 
 @gated_channels_backward.register_fake
-def _(grad_out, u_spectrum, filter_spectrum, weights, projections, saved_convolutions, multiplier, chunk,
+def _(grad_out, u_spectrum, filter_spectrum, weights, projections, saved_features, multiplier, chunk,
       gemm_dtype, input_grad, gate_grad, projections_grad):
     wanted = ((u_spectrum, input_grad), (weights, gate_grad), (projections, projections_grad))
     return tuple(x.new_empty(x.shape if needed else 0) for x, needed in wanted)  # contiguous, as the real ones
@@ -245,14 +257,14 @@ def _(grad_out, u_spectrum, filter_spectrum, weights, projections, saved_convolu
 
 def save_for_recomputation(ctx, inputs, output):
     u_spectrum, filter_spectrum, weights, projections, multiplier, _, chunk, _, gemm_dtype = inputs
-    saved_convolutions = output[1]
-    ctx.mark_non_differentiable(saved_convolutions)
-    ctx.set_materialize_grads(False)  # else autograd would fill a zero gradient the size of the saved convolutions
-    ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections, saved_convolutions)
+    saved_features = output[1]
+    ctx.mark_non_differentiable(saved_features)
+    ctx.set_materialize_grads(False)  # else autograd would fill a zero gradient the size of the saved features
+    ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections, saved_features)
     ctx.settings = multiplier, chunk, gemm_dtype
 
 
-def recomputing_backward(ctx, grad_out, saved_convolutions_grad):  # the latter never set: not differentiable
+def recomputing_backward(ctx, grad_out, saved_features_grad):  # the latter never set: not differentiable
     if grad_out is None:  # an undefined gradient (not materialised, see save_for_recomputation): nothing flows back
         return (None,) * 9
     input_grad, _, gate_grad, projections_grad = ctx.needs_input_grad[:4]

@@ -1,5 +1,7 @@
 """The recomputing operators of the mixer's gated channels against gradcheck, opcheck and plain autograd."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -49,6 +51,42 @@ def test_outputs_and_gradients_match_plain_autograd(k, chunk, saved):
         expected = plain_inputs[index].grad
         scale = expected.abs().max()
         torch.testing.assert_close(fast_inputs[index].grad / scale, expected / scale, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gate_weights_of_zero_get_a_zero_gradient_and_the_rest_match_plain_autograd():
+    """The gate's gradient is read from the gated convolutions divided by the weights: where a weight is 0 it comes
+    back 0, not NaN (a softmax's input gradient does not depend on it there), and the others are unchanged."""
+    fast_inputs = channel_inputs(2, 8, 12, 5)
+    fast_inputs[2][0, 1, :4] = 0.0  # saved channel 1 and recomputed channel 3 of the first sequence
+    fast_inputs[2][1, 3, 7:] = 0.0
+    plain_inputs = [x.clone() for x in fast_inputs]
+    for inputs in (fast_inputs, plain_inputs):
+        for index in (0, 2, 3):
+            inputs[index].requires_grad_()
+    probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(7))
+    (gated_spectral_channels(*fast_inputs, 2.0, 12, 2, 2) * probe).sum().backward()
+    u_spectrum, filter_spectrum, weights, projections = plain_inputs
+    (ESSSMSpectralMixer.project_channels(u_spectrum, filter_spectrum, weights, 2.0 * projections, 12) * probe
+     ).sum().backward()
+    zero = fast_inputs[2].detach() == 0
+    assert torch.equal(fast_inputs[2].grad[zero], torch.zeros(int(zero.sum())))
+    expected = plain_inputs[2].grad.masked_fill(zero, 0.0)
+    torch.testing.assert_close(fast_inputs[2].grad, expected, atol=1e-5, rtol=1e-4)
+    for index in (0, 3):
+        torch.testing.assert_close(fast_inputs[index].grad, plain_inputs[index].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_mixers_gate_keeps_every_weight_a_normal_float():
+    """Where the division above is exact: after the RMS rescale a weight is at least exp(-sqrt(2k)) / k (a normal
+    float32 for k up to about 3,000), even for two logits driven as far apart as they go."""
+    for k in (2, 32, 2048):
+        mixer = ESSSMSpectralMixer(tiny_config(num_spectral_filters=k, max_position_embeddings=k), 0)
+        with torch.no_grad():
+            mixer.gate_out.weight.zero_()
+            mixer.gate_out.bias.copy_(torch.cat([torch.tensor([1e4, -1e4]), torch.zeros(k - 2)]))
+        weights = mixer.gate(torch.randn(1, 3, mixer.skip_proj.in_features), k)
+        floor = math.exp(-math.sqrt(2 * k)) / k
+        assert weights.min() >= max(floor * (1 - 1e-4), torch.finfo(torch.float32).tiny), k
 
 
 def test_projections_above_the_budget_get_an_exact_zero_gradient():
