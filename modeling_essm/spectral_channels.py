@@ -2,7 +2,8 @@
 
     out(t) = sum_j a_j(t) * (phi_j * u)(t) M_j        (B, D, T), over the active channels j, chunk by chunk
 
-Forward saves what backward needs to recompute the convolutions (the input spectrum, the gate, the projections),
+Forward takes the inputs in the time domain, computes their spectrum and saves what backward needs to recompute
+the convolutions (that spectrum, the gate, the projections),
 as FlashAttention and FlashFFTConv recompute instead of storing, plus the gated convolutions a_j(t) (phi_j * u)(t) of
 the first `saved` channels, a number the mixer fits to a byte cap (`spectral_saved_mb`); backward recomputes the other
 channels' but no projection GEMM. Two costs go away:
@@ -113,13 +114,13 @@ def channel_chunks(k: int, chunk: int, saved: int) -> list[tuple[int, int]]:
             + [(start, min(start + chunk, k)) for start in range(saved, k, chunk)])
 
 
-def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, multiplier: float, seq_len: int,
-                            chunk: int, saved: int = 0) -> torch.Tensor:
+def gated_spectral_channels(u, filter_spectrum, weights, projections, multiplier: float, chunk: int,
+                            saved: int = 0) -> torch.Tensor:
     """sum_j a_j(t) (phi_j * u)(t) M_j over k channels, `chunk` at a time: (B, D, T), time last.
 
-    u_spectrum (B, D, F): rFFT of the inputs, time last, at the FFT size 2 * (F - 1) >= 2T (complex64, or
-        complex128 for gradcheck: the outputs are real of the same precision);
-    filter_spectrum (k, F): rFFT of the scaled filters at the same size (fixed buffers: no gradient);
+    u (B, D, T): the inputs, time last, contiguous (float32, or float64 for gradcheck);
+    filter_spectrum (k, F): rFFT of the scaled filters at an FFT size n = 2 * (F - 1) >= 2T - 1, so that no input
+        wraps around onto an output (complex64, or complex128 with float64 inputs; fixed buffers: no gradient);
     weights (B, k, T): the gate, contiguous. Its gradient is read from the gated convolutions divided by the
         weights: exact where they are normal floats, as a softmax gate's are (the mixer's RMS rescale bounds its
         logits' spread by sqrt(2k), so every weight is at least exp(-sqrt(2k)) / k), and 0 where a weight is 0
@@ -135,37 +136,45 @@ def gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, m
     """
     if filter_spectrum.requires_grad:
         raise ValueError("gated_spectral_channels takes fixed filters: filter_spectrum must not require grad.")
-    k = filter_spectrum.shape[0]
+    k, seq_len, n_fft = filter_spectrum.shape[0], u.shape[-1], 2 * (filter_spectrum.shape[-1] - 1)
     if weights.shape[1] != k or projections.shape[0] < k:
         raise ValueError(f"gated_spectral_channels: {k} filters need {k} gate weights per token (got "
                          f"{weights.shape[1]}) and at least {k} projections (got {projections.shape[0]}).")
-    device_type = u_spectrum.device.type
+    if n_fft < 2 * seq_len - 1:
+        raise ValueError(f"gated_spectral_channels: {seq_len} steps need filter spectra at an FFT size of at least "
+                         f"{2 * seq_len - 1} (2T - 1, else the convolutions wrap around), got {n_fft}.")
+    device_type = u.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u_spectrum.real.dtype
+    gemm_dtype = torch.get_autocast_dtype(device_type) if autocast else u.dtype
     if not (torch.is_grad_enabled() and (weights.requires_grad or projections.requires_grad)):
         saved = 0  # the saved channels serve only the gate's and the projections' gradients
     saved = torch.sym_min(saved, k)  # symbolic under torch.compile: budgets share graphs
-    out, _ = gated_channels(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, saved,
-                            gemm_dtype)
+    out, _, _ = gated_channels(u, filter_spectrum, weights, projections, multiplier, chunk, saved, gemm_dtype)
     return out
 
 
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels", mutates_args=())
-def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weights: torch.Tensor,
-                   projections: torch.Tensor, multiplier: float, seq_len: int, chunk: int, saved: int,
-                   gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward of `gated_spectral_channels`, its projections' GEMMs in `gemm_dtype`: the output (B, D, T) and
-    the first `saved` channels' gated convolutions (B, saved, D, T), which backward reads instead of recomputing."""
-    batch, hidden = u_spectrum.shape[:2]
-    device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
-    out = torch.empty(batch, hidden, seq_len, dtype=real_dtype, device=device)  # the first chunk's GEMM writes it
-    saved_features = torch.empty(batch, saved, hidden, seq_len, dtype=real_dtype, device=device)
-    blocks = batch_blocks(batch, hidden, 2 * (u_spectrum.shape[-1] - 1))
+def gated_channels(u: torch.Tensor, filter_spectrum: torch.Tensor, weights: torch.Tensor, projections: torch.Tensor,
+                   multiplier: float, chunk: int, saved: int,
+                   gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of `gated_spectral_channels`, its projections' GEMMs in `gemm_dtype`: the output (B, D, T), the
+    first `saved` channels' gated convolutions (B, saved, D, T), which backward reads instead of recomputing, and the
+    inputs' spectrum (B, D, F), which backward convolves again for the others."""
+    batch, hidden, seq_len = u.shape
+    n_fft = 2 * (filter_spectrum.shape[-1] - 1)
+    # The inputs zero-padded to n_fft in a reused buffer: faster than the rFFT's own padding (n=).
+    padded = WORKSPACE.get("padded", (batch, hidden, n_fft), u.dtype, u.device)
+    padded[..., :seq_len].copy_(u)
+    padded[..., seq_len:].zero_()
+    u_spectrum = torch.fft.rfft(padded)  # (B, D, F), shared by every channel
+    out = torch.empty_like(u)  # the first chunk's GEMM writes it
+    saved_features = u.new_empty(batch, saved, hidden, seq_len)
+    blocks = batch_blocks(batch, hidden, n_fft)
     for start, end in channel_chunks(filter_spectrum.shape[0], chunk, saved):
         if start < saved:
             features = saved_features[:, start:end]
         else:
-            features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), real_dtype, device)
+            features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), u.dtype, u.device)
         for j, rows in itertools.product(range(start, end), blocks):  # a_j(t) (phi_j * u)(t) from the inverse FFT
             conv = channel_convolution(u_spectrum[rows], filter_spectrum[j], seq_len)  # (b, D, T)
             torch.mul(conv, weights[rows, j, None], out=features[rows, j - start])
@@ -173,15 +182,15 @@ def gated_channels(u_spectrum: torch.Tensor, filter_spectrum: torch.Tensor, weig
         mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
         lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
         matmul_into(out, mixing.expand(batch, -1, -1), lowered, multiplier, accumulate=start > 0)
-    return out, saved_features
+    return out, saved_features, u_spectrum
 
 
 @gated_channels.register_fake
-def _(u_spectrum, filter_spectrum, weights, projections, multiplier, seq_len, chunk, saved, gemm_dtype):
-    batch, hidden = u_spectrum.shape[:2]
-    real_dtype = u_spectrum.real.dtype
-    return (u_spectrum.new_empty(batch, hidden, seq_len, dtype=real_dtype),
-            u_spectrum.new_empty(batch, saved, hidden, seq_len, dtype=real_dtype))
+def _(u, filter_spectrum, weights, projections, multiplier, chunk, saved, gemm_dtype):
+    batch, hidden, seq_len = u.shape
+    spectrum_dtype = torch.promote_types(u.dtype, torch.complex64)  # complex64, complex128 for float64
+    return (torch.empty_like(u), u.new_empty(batch, saved, hidden, seq_len),
+            u.new_empty(batch, hidden, filter_spectrum.shape[-1], dtype=spectrum_dtype))
 
 
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels_backward", mutates_args=())
@@ -189,8 +198,8 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
                             weights: torch.Tensor, projections: torch.Tensor, saved_features: torch.Tensor,
                             multiplier: float, chunk: int, gemm_dtype: torch.dtype, input_grad: bool,
                             gate_grad: bool, projections_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `gated_channels` for u_spectrum, weights and projections, the gated convolutions past the
-    saved ones recomputed.
+    """The gradients of `gated_channels` for u, weights and projections, the gated convolutions past the saved ones
+    recomputed from the inputs' spectrum.
 
     Only the gradients asked for are computed (the others come back empty): a frozen `spectral_proj`, as under LoRA
     on other layers, spares the projections' GEMM, and a frozen gate and projections spare the recomputation.
@@ -200,16 +209,14 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
     device, real_dtype = u_spectrum.device, u_spectrum.real.dtype
     saved = saved_features.shape[1]
     grad_out_lowered = grad_out.to(gemm_dtype)  # (B, D, T)
-    grad_u_spectrum = torch.zeros_like(u_spectrum) if input_grad else u_spectrum.new_empty(0)
+    # The inputs' gradient is the sum of the convolutions' adjoints, the correlations with the filters: summed in the
+    # frequency domain (each rFFT times its filter's conjugate spectrum), then one inverse FFT.
+    grad_spectrum = torch.zeros_like(u_spectrum) if input_grad else None
     grad_weights = torch.empty(weights.shape if gate_grad else 0, dtype=real_dtype, device=device)
     grad_projections = torch.empty(projections.shape if projections_grad else 0, dtype=real_dtype, device=device)
     grad_projections[filter_spectrum.shape[0]:].zero_()  # the channels above the budget
-    # The convolutions' adjoint: irfft's is the rFFT times 2/n, and 1/n at the two frequencies that appear once
-    # (0 and n/2); the product with each filter's spectrum, its conjugate.
-    adjoint_scale = torch.full((n_freq,), 2.0 / n_fft, dtype=real_dtype, device=device)
-    adjoint_scale[[0, -1]] = 1.0 / n_fft
     # conj_physical, not conj: a lazy conjugate bit is lost when compiled autograd runs this operator in a graph.
-    adjoint_filters = filter_spectrum.conj_physical() * adjoint_scale  # (k, F)
+    conjugate_filters = filter_spectrum.conj_physical()  # (k, F)
     # The rFFT's input, zero-padded to n_fft once: each channel then writes only its first seq_len samples.
     padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
     padded[..., seq_len:].zero_()
@@ -239,40 +246,46 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
             grad_mixing = grad_projections[start:end].view(-1, hidden)  # (c*D, D)
             for b in range(batch):
                 matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
-        # 4. The input spectrum's gradient: each convolution's adjoint applied to d out / d conv.
+        # 4. The inputs' spectral gradient: d out / d conv = a_j * grad_features, correlated with phi_j.
         for j, rows in itertools.product(range(start, end), blocks) if input_grad else ():
             torch.mul(grad_features[rows, j - start], weights[rows, j, None], out=padded[rows, :, :seq_len])
-            grad_u_spectrum[rows].addcmul_(torch.fft.rfft(padded[rows]), adjoint_filters[j])  # (b, D, F)
+            grad_spectrum[rows].addcmul_(torch.fft.rfft(padded[rows]), conjugate_filters[j])  # (b, D, F)
     if gate_grad:  # a weight of 0 gated its convolution to 0: its gradient reads 0 (see gated_spectral_channels)
         grad_weights.div_(weights).masked_fill_(weights == 0, 0.0)
-    return grad_u_spectrum, grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
+    # The outputs t < T of the correlations: no later input wraps around onto them (n_fft >= 2T - 1).
+    grad_u = (torch.fft.irfft(grad_spectrum, n=n_fft)[..., :seq_len].contiguous() if input_grad
+              else grad_out.new_empty(0, dtype=real_dtype))
+    return grad_u, grad_weights.to(weights.dtype), grad_projections.to(projections.dtype)
 
 
 @gated_channels_backward.register_fake
 def _(grad_out, u_spectrum, filter_spectrum, weights, projections, saved_features, multiplier, chunk,
       gemm_dtype, input_grad, gate_grad, projections_grad):
-    wanted = ((u_spectrum, input_grad), (weights, gate_grad), (projections, projections_grad))
-    return tuple(x.new_empty(x.shape if needed else 0) for x, needed in wanted)  # contiguous, as the real ones
+    u_shape = (*u_spectrum.shape[:2], grad_out.shape[-1])
+    wanted = ((u_shape, u_spectrum.real.dtype, input_grad), (weights.shape, weights.dtype, gate_grad),
+              (projections.shape, projections.dtype, projections_grad))
+    # Contiguous, as the real ones.
+    return tuple(grad_out.new_empty(shape if needed else 0, dtype=dtype) for shape, dtype, needed in wanted)
 
 
 def save_for_recomputation(ctx, inputs, output):
-    u_spectrum, filter_spectrum, weights, projections, multiplier, _, chunk, _, gemm_dtype = inputs
-    saved_features = output[1]
-    ctx.mark_non_differentiable(saved_features)
-    ctx.set_materialize_grads(False)  # else autograd would fill a zero gradient the size of the saved features
+    _, filter_spectrum, weights, projections, multiplier, chunk, _, gemm_dtype = inputs
+    _, saved_features, u_spectrum = output
+    ctx.mark_non_differentiable(saved_features, u_spectrum)
+    ctx.set_materialize_grads(False)  # else autograd would fill zero gradients the size of those two
     ctx.save_for_backward(u_spectrum, filter_spectrum, weights, projections, saved_features)
     ctx.settings = multiplier, chunk, gemm_dtype
 
 
-def recomputing_backward(ctx, grad_out, saved_features_grad):  # the latter never set: not differentiable
+def recomputing_backward(ctx, grad_out, *non_differentiable):  # the saved features' and spectrum's: never set
     if grad_out is None:  # an undefined gradient (not materialised, see save_for_recomputation): nothing flows back
-        return (None,) * 9
+        return (None,) * 8
     input_grad, _, gate_grad, projections_grad = ctx.needs_input_grad[:4]
     grads = gated_channels_backward(grad_out, *ctx.saved_tensors, *ctx.settings, input_grad, gate_grad,
                                     projections_grad)
-    grad_u_spectrum, grad_weights, grad_projections = (grad if needed else None for grad, needed in
-                                                       zip(grads, (input_grad, gate_grad, projections_grad)))
-    return grad_u_spectrum, None, grad_weights, grad_projections, None, None, None, None, None
+    grad_u, grad_weights, grad_projections = (grad if needed else None for grad, needed in
+                                              zip(grads, (input_grad, gate_grad, projections_grad)))
+    return grad_u, None, grad_weights, grad_projections, None, None, None, None
 
 
 gated_channels.register_autograd(recomputing_backward, setup_context=save_for_recomputation)

@@ -13,23 +13,28 @@ from modeling_essm.spectral_channels import (WORKSPACE, gated_channels, gated_ch
 
 
 def channel_inputs(batch, hidden, seq_len, k, dtype=torch.float32, seed=0):
-    """Random inputs of the Function at the FFT size the mixer uses, the spectra from real signals."""
+    """Random inputs of the operators, the filters' spectra at the FFT size the mixer uses."""
     generator = torch.Generator().manual_seed(seed)
-    n_fft = fft_length(seq_len)
     u = torch.randn(batch, hidden, seq_len, generator=generator, dtype=dtype)
     taps = torch.randn(k, seq_len, generator=generator, dtype=dtype)
     weights = torch.softmax(torch.randn(batch, k, seq_len, generator=generator, dtype=dtype), dim=1)
     projections = torch.randn(k, hidden, hidden, generator=generator, dtype=dtype) / hidden**0.5
-    return torch.fft.rfft(u, n=n_fft), torch.fft.rfft(taps, n=n_fft), weights, projections
+    return u, torch.fft.rfft(taps, n=fft_length(seq_len)), weights, projections
+
+
+def plain_channels(u, filter_spectrum, weights, projections):
+    """The same sum in plain autograd (the kept path): the inputs' rFFT, then `project_channels`."""
+    u_spectrum = torch.fft.rfft(u, n=2 * (filter_spectrum.shape[-1] - 1))
+    return ESSSMSpectralMixer.project_channels(u_spectrum, filter_spectrum, weights, projections, u.shape[-1])
 
 
 @pytest.mark.parametrize("saved", [0, 1, 3])
 def test_gradcheck_in_float64(saved):
-    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 3, 5, 3, dtype=torch.float64)
-    inputs = (u_spectrum.requires_grad_(), weights.requires_grad_(), projections.requires_grad_())
+    u, filter_spectrum, weights, projections = channel_inputs(2, 3, 5, 3, dtype=torch.float64)
+    inputs = (u.requires_grad_(), weights.requires_grad_(), projections.requires_grad_())
     # Chunks of 2 over 3 channels: a full chunk and a partial one; none, some or all of the convolutions saved.
     assert torch.autograd.gradcheck(
-        lambda u, w, m: gated_spectral_channels(u, filter_spectrum, w, m, 3.0, 5, 2, saved), inputs)
+        lambda u, w, m: gated_spectral_channels(u, filter_spectrum, w, m, 3.0, 2, saved), inputs)
 
 
 @pytest.mark.parametrize("k, chunk, saved", [(1, 1, 0), (7, 3, 0), (7, 3, 4), (7, 7, 7), (16, 5, 0), (16, 5, 11)])
@@ -41,13 +46,13 @@ def test_outputs_and_gradients_match_plain_autograd(k, chunk, saved):
         for index in (0, 2, 3):  # every input but the fixed filters
             inputs[index].requires_grad_()
     probe = torch.randn(2, 32, seq_len, generator=torch.Generator().manual_seed(5))
-    fast = gated_spectral_channels(*fast_inputs, 3.0, seq_len, chunk, saved)  # the stored M_j and their multiplier
-    u_spectrum, filter_spectrum, weights, projections = plain_inputs
-    plain = ESSSMSpectralMixer.project_channels(u_spectrum, filter_spectrum, weights, 3.0 * projections, seq_len)
+    fast = gated_spectral_channels(*fast_inputs, 3.0, chunk, saved)  # the stored M_j and their multiplier
+    u, filter_spectrum, weights, projections = plain_inputs
+    plain = plain_channels(u, filter_spectrum, weights, 3.0 * projections)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
     (fast * probe).sum().backward()
     (plain * probe).sum().backward()
-    for name, index in (("u_spectrum", 0), ("weights", 2), ("projections", 3)):
+    for name, index in (("u", 0), ("weights", 2), ("projections", 3)):
         expected = plain_inputs[index].grad
         scale = expected.abs().max()
         torch.testing.assert_close(fast_inputs[index].grad / scale, expected / scale, atol=1e-5, rtol=1e-4, msg=name)
@@ -64,10 +69,9 @@ def test_gate_weights_of_zero_get_a_zero_gradient_and_the_rest_match_plain_autog
         for index in (0, 2, 3):
             inputs[index].requires_grad_()
     probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(7))
-    (gated_spectral_channels(*fast_inputs, 2.0, 12, 2, 2) * probe).sum().backward()
-    u_spectrum, filter_spectrum, weights, projections = plain_inputs
-    (ESSSMSpectralMixer.project_channels(u_spectrum, filter_spectrum, weights, 2.0 * projections, 12) * probe
-     ).sum().backward()
+    (gated_spectral_channels(*fast_inputs, 2.0, 2, 2) * probe).sum().backward()
+    u, filter_spectrum, weights, projections = plain_inputs
+    (plain_channels(u, filter_spectrum, weights, 2.0 * projections) * probe).sum().backward()
     zero = fast_inputs[2].detach() == 0
     assert torch.equal(fast_inputs[2].grad[zero], torch.zeros(int(zero.sum())))
     expected = plain_inputs[2].grad.masked_fill(zero, 0.0)
@@ -90,7 +94,7 @@ def test_the_mixers_gate_keeps_every_weight_a_normal_float():
 
 
 def test_projections_above_the_budget_get_an_exact_zero_gradient():
-    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
+    u, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
     k = 3
     whole = projections.clone().requires_grad_()
     sliced = projections.clone().requires_grad_()
@@ -98,7 +102,7 @@ def test_projections_above_the_budget_get_an_exact_zero_gradient():
     torch.use_deterministic_algorithms(True)  # which fills uninitialised memory with NaN: an unwritten row shows
     try:
         for projections_in in (whole, sliced[:k]):
-            out = gated_spectral_channels(u_spectrum, filter_spectrum[:k], weights[:, :k], projections_in, 2.0, 12, 2)
+            out = gated_spectral_channels(u, filter_spectrum[:k], weights[:, :k], projections_in, 2.0, 2)
             (out * probe).sum().backward()
     finally:
         torch.use_deterministic_algorithms(False)
@@ -108,19 +112,20 @@ def test_projections_above_the_budget_get_an_exact_zero_gradient():
 
 def test_operators_pass_opcheck():
     """Schema, autograd registration, fake tensors (shapes and strides, a permuted gate included) and AOT dispatch."""
-    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
+    u, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
     settings = (2.0, 2, torch.float32)  # multiplier, chunk, GEMM dtype
-    inputs = (u_spectrum.requires_grad_(), filter_spectrum, weights.requires_grad_(), projections.requires_grad_())
+    inputs = (u.requires_grad_(), filter_spectrum, weights.requires_grad_(), projections.requires_grad_())
     for saved in (0, 3):
-        torch.library.opcheck(gated_channels, (*inputs, 2.0, 12, 2, saved, torch.float32))
-    _, saved_convolutions = gated_channels(*inputs, 2.0, 12, 2, 3, torch.float32)  # (2, 3, 8, 12)
+        torch.library.opcheck(gated_channels, (*inputs, 2.0, 2, saved, torch.float32))
+    _, saved_features, u_spectrum = gated_channels(*inputs, 2.0, 2, 3, torch.float32)  # (2, 3, 8, 12), (2, 8, F)
+    torch.testing.assert_close(u_spectrum, torch.fft.rfft(u.detach(), n=fft_length(12)))
     grad_out = torch.randn(2, 8, 12)
     permuted_gate = weights.detach().transpose(1, 2).contiguous().transpose(1, 2)
-    for gate, saved, wanted in ((weights.detach(), saved_convolutions[:, :0], (True, True, True)),
-                                (weights.detach(), saved_convolutions, (True, True, True)),
-                                (permuted_gate, saved_convolutions, (True, True, True)),
-                                (weights.detach(), saved_convolutions, (True, False, False)),
-                                (weights.detach(), saved_convolutions[:, :0], (False, True, False))):
+    for gate, saved, wanted in ((weights.detach(), saved_features[:, :0], (True, True, True)),
+                                (weights.detach(), saved_features, (True, True, True)),
+                                (permuted_gate, saved_features, (True, True, True)),
+                                (weights.detach(), saved_features, (True, False, False)),
+                                (weights.detach(), saved_features[:, :0], (False, True, False))):
         torch.library.opcheck(gated_channels_backward, (grad_out, u_spectrum.detach(), filter_spectrum, gate,
                                                         projections.detach(), saved, *settings, *wanted))
 
@@ -138,7 +143,7 @@ def test_saved_convolutions_are_not_recomputed_and_give_identical_gradients(monk
         for index in (0, 2, 3):
             inputs[index].requires_grad_()
         calls.clear()
-        (gated_spectral_channels(*inputs, 2.0, 12, 2, saved) * probe).sum().backward()
+        (gated_spectral_channels(*inputs, 2.0, 2, saved) * probe).sum().backward()
         assert len(calls) == 5 + 5 - min(saved, 5), saved
         grads[saved] = [inputs[index].grad for index in (0, 2, 3)]
     for saved in (2, 5, 9):
@@ -146,20 +151,19 @@ def test_saved_convolutions_are_not_recomputed_and_give_identical_gradients(monk
             torch.testing.assert_close(grad, expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("trained", [("u_spectrum", "weights"), ("u_spectrum",), ("weights", "projections"),
-                                     ("projections",)])
+@pytest.mark.parametrize("trained", [("u", "weights"), ("u",), ("weights", "projections"), ("projections",)])
 def test_frozen_inputs_get_no_gradient_and_the_others_the_same(trained):
     """Backward computes only the gradients asked for: a frozen spectral_proj (LoRA elsewhere) or gate."""
-    names = ("u_spectrum", "filter_spectrum", "weights", "projections")
+    names = ("u", "filter_spectrum", "weights", "projections")
     everything = dict(zip(names, channel_inputs(2, 8, 12, 5)))
     some = {name: x.clone() for name, x in everything.items()}
-    for name in ("u_spectrum", "weights", "projections"):
+    for name in ("u", "weights", "projections"):
         everything[name].requires_grad_()
         some[name].requires_grad_(name in trained)
     probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(4))
     for inputs in (everything, some):
-        (gated_spectral_channels(*inputs.values(), 2.0, 12, 2, 2) * probe).sum().backward()  # 2 of 5 saved
-    for name in ("u_spectrum", "weights", "projections"):
+        (gated_spectral_channels(*inputs.values(), 2.0, 2, 2) * probe).sum().backward()  # 2 of 5 saved
+    for name in ("u", "weights", "projections"):
         if name in trained:
             torch.testing.assert_close(some[name].grad, everything[name].grad, atol=0, rtol=0, msg=name)
         else:
@@ -171,12 +175,12 @@ def test_nothing_is_saved_when_neither_the_gate_nor_the_projections_need_a_gradi
     import modeling_essm.spectral_channels as spectral_channels
 
     forward, saved = spectral_channels.gated_channels, []
-    monkeypatch.setattr(spectral_channels, "gated_channels", lambda *inputs: saved.append(inputs[7]) or forward(*inputs))
-    u_spectrum, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
-    gated_spectral_channels(u_spectrum.requires_grad_(), filter_spectrum, weights, projections, 2.0, 12, 2, 3)
-    gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections.requires_grad_(), 2.0, 12, 2, 3)
+    monkeypatch.setattr(spectral_channels, "gated_channels", lambda *inputs: saved.append(inputs[6]) or forward(*inputs))
+    u, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
+    gated_spectral_channels(u.requires_grad_(), filter_spectrum, weights, projections, 2.0, 2, 3)
+    gated_spectral_channels(u, filter_spectrum, weights, projections.requires_grad_(), 2.0, 2, 3)
     with torch.no_grad():
-        gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections, 2.0, 12, 2, 3)
+        gated_spectral_channels(u, filter_spectrum, weights, projections, 2.0, 2, 3)
     assert saved == [0, 3, 0]
 
 
@@ -201,9 +205,9 @@ def test_ffts_on_blocks_of_the_batch_give_the_same_outputs_and_gradients(monkeyp
     import modeling_essm.spectral_channels as spectral_channels
 
     def run():
-        u_spectrum, filter_spectrum, weights, projections = channel_inputs(3, 8, 12, 5)
-        inputs = [u_spectrum.requires_grad_(), weights.requires_grad_(), projections.requires_grad_()]
-        out = gated_spectral_channels(inputs[0], filter_spectrum, inputs[1], inputs[2], 2.0, 12, 2, 2)
+        u, filter_spectrum, weights, projections = channel_inputs(3, 8, 12, 5)
+        inputs = [u.requires_grad_(), weights.requires_grad_(), projections.requires_grad_()]
+        out = gated_spectral_channels(inputs[0], filter_spectrum, inputs[1], inputs[2], 2.0, 2, 2)
         out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
         return [out.detach()] + [x.grad for x in inputs]
 
@@ -218,12 +222,16 @@ def test_ffts_on_blocks_of_the_batch_give_the_same_outputs_and_gradients(monkeyp
     assert blocks == [2, 1] * (5 + 3)
 
 
-def test_mismatched_gate_or_projections_are_refused_before_any_work():
-    u_spectrum, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 3)
+def test_mismatched_gate_projections_or_filter_spectra_are_refused_before_any_work():
+    u, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 3)
     with pytest.raises(ValueError, match="3 filters need 3 gate weights per token \\(got 2\\)"):
-        gated_spectral_channels(u_spectrum, filter_spectrum, weights[:, :2], projections, 1.0, 8, 1)
+        gated_spectral_channels(u, filter_spectrum, weights[:, :2], projections, 1.0, 1)
     with pytest.raises(ValueError, match="at least 3 projections \\(got 2\\)"):
-        gated_spectral_channels(u_spectrum, filter_spectrum, weights, projections[:2], 1.0, 8, 1)
+        gated_spectral_channels(u, filter_spectrum, weights, projections[:2], 1.0, 1)
+    short_spectrum = torch.fft.rfft(torch.randn(3, 8), n=14)  # 14 < 2T - 1 = 15: the last output would wrap around
+    with pytest.raises(ValueError, match="8 steps need filter spectra at an FFT size of at least 15 .* got 14"):
+        gated_spectral_channels(u, short_spectrum, weights, projections, 1.0, 1)
+    gated_spectral_channels(u, torch.fft.rfft(torch.randn(3, 8), n=16), weights, projections, 1.0, 1)  # 16 is enough
 
 
 def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_not_alias_them():
@@ -253,6 +261,6 @@ def test_training_steps_reuse_one_set_of_buffers_and_return_gradients_that_do_no
 
 
 def test_trainable_filters_are_refused():
-    u_spectrum, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 2)
+    u, filter_spectrum, weights, projections = channel_inputs(1, 4, 8, 2)
     with pytest.raises(ValueError, match="filter_spectrum must not require grad"):
-        gated_spectral_channels(u_spectrum, filter_spectrum.requires_grad_(), weights, projections, 1.0, 8, 1)
+        gated_spectral_channels(u, filter_spectrum.requires_grad_(), weights, projections, 1.0, 1)
