@@ -1,7 +1,7 @@
 """Training speed and memory as a user gets them: a plain `transformers.Trainer` in a plain Python process.
 
 The reference ES-SSM LM (D=256, 8 layers, K=32, trained at its full budget) with the convolutions kept for
-backward or recomputed (`spectral_recompute`; by default with the first channels' convolutions saved within
+backward or recomputed (`spectral_recompute`; by default with the first channels' gated convolutions saved within
 `spectral_saved_mb`, or with none saved), against the parameter-matched Llama (SDPA) and Mamba (with the
 `mambapy` package's parallel scan) of scripts/bench_forward.py, and both ES-SSM paths once more with glibc keeping
 freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our commands turn on only when
@@ -10,14 +10,16 @@ ESSM_REUSE_FREED_MEMORY=1):
     python scripts/bench_training_speed.py --lengths 512 1024 2048 4096 --output docs/training_speed.json
 
 Mamba's steps take 6 s to 2.7 minutes each on one CPU thread at 512 to 4,096 tokens (and 17 GB at 4,096);
-`--systems` runs a subset.
+`--systems` runs a subset. A round's systems are alive at once, so their memory adds up.
 
 Each system and length runs in a fresh process with one thread: a Trainer on random byte sequences of that length,
 in batches of `--batch-size` (default 1), AdamW; the first step is a warm-up and the median of the next `--steps`
 step times is reported, with the peak resident memory the training added to the process (its high-water mark,
-reset before training, less its size then). This machine's speed drifts by up to a quarter over minutes, so `--rounds` runs every system once per
-round, in an order rotated from round to round, and each system's ratio to each of `--references` is taken within a
-round (the two ran minutes apart) before its median over rounds.
+reset before training, less its size then). This machine's speed drifts by a quarter and more over seconds to
+minutes, so the systems take turns step by step: in each round every system's process is started, and each waits
+between its steps until the others have taken theirs, in an order rotated from step to step, so that no two steps
+ever run at once and each system's steps lie between the others'. Each system's ratio to each of `--references` is
+taken within a round before its median over `--rounds` rounds (fresh processes each).
 """
 
 import argparse
@@ -39,9 +41,14 @@ SYSTEMS = {  # name: (model, ES-SSM config settings, reuse freed memory)
 }
 
 
-def median_step_seconds(system: str, seq_len: int, batch_size: int, steps: int, output_dir: str) -> dict:
+def median_step_seconds(system: str, seq_len: int, batch_size: int, steps: int, output_dir: str,
+                        turns=None) -> dict:
     """Runs in a fresh process: the median time of a Trainer step of `system` on `batch_size` sequences of
-    `seq_len`."""
+    `seq_len`, and every step's start and end on the machine's monotonic clock.
+
+    turns: a connection to the process that takes turns (`interleaved_runs`): before each step this one says
+    "ready" and waits for "go".
+    """
     import torch
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -69,13 +76,16 @@ def median_step_seconds(system: str, seq_len: int, batch_size: int, steps: int, 
 
     class StepTimes(TrainerCallback):
         def __init__(self):
-            self.seconds, self.start = [], None
+            self.intervals, self.start = [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            if turns is not None:
+                turns.send("ready")
+                turns.recv()
+            self.start = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self.start)
+            self.intervals.append((self.start, time.monotonic()))
 
     times = StepTimes()
     resident_before = reset_peak_resident()
@@ -84,11 +94,48 @@ def median_step_seconds(system: str, seq_len: int, batch_size: int, steps: int, 
                                   learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
                                   logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     Trainer(model=model.train(), args=arguments, train_dataset=data, callbacks=[times]).train()
-    seconds = statistics.median(times.seconds[1:])  # the first step warms up
+    seconds = statistics.median(end - start for start, end in times.intervals[1:])  # the first step warms up
     peak_growth = status_mb("VmHWM") - resident_before
     return {"system": system, "seq_len": seq_len, "batch_size": batch_size, "parameters": model.num_parameters(),
             "seconds_per_step": seconds, "tokens_per_s": batch_size * seq_len / seconds,
-            "peak_resident_growth_mb": peak_growth}
+            "peak_resident_growth_mb": peak_growth, "step_intervals": times.intervals}
+
+
+def run_taking_turns(turns, *settings):
+    """A process of `interleaved_runs`: trains as `median_step_seconds` does, then sends back its result."""
+    turns.send(median_step_seconds(*settings, turns=turns))
+
+
+def interleaved_runs(systems: list[str], seq_len: int, batch_size: int, steps: int, output_dir: str) -> list[dict]:
+    """One run of every system, each in a fresh process of its own (no allocator history, no switch carried over),
+    taking turns: each step of each system runs while the others wait between their steps, in an order rotated
+    from step to step. Returns the runs in the order of `systems`."""
+    context = multiprocessing.get_context("spawn")
+    connections, processes, runs = [], [], [None] * len(systems)
+    try:
+        for index, system in enumerate(systems):
+            ours, theirs = context.Pipe()
+            settings = (system, seq_len, batch_size, steps, f"{output_dir}/{index}")
+            process = context.Process(target=run_taking_turns, args=(theirs, *settings), daemon=True)
+            process.start()
+            processes.append(process)
+            connections.append(ours)
+        for connection in connections:
+            connection.recv()  # "ready": built, and waiting at its first step
+        for step in range(steps + 1):  # the warm-up and the timed steps
+            for index in rotated(list(range(len(systems))), step):
+                connections[index].send("go")
+                reply = connections[index].recv()  # "ready" at its next step, or its result after the last one
+                if step == steps:
+                    runs[index] = reply
+    except EOFError:
+        raise RuntimeError(f"a system's process ended without its result (L={seq_len}): see its error above") from None
+    finally:
+        for process in processes:
+            if None in runs:  # cut short: the others would wait for turns that do not come
+                process.terminate()
+            process.join()
+    return runs
 
 
 def status_mb(field: str) -> float:
@@ -106,10 +153,10 @@ def reset_peak_resident() -> float:
     return status_mb("VmRSS")
 
 
-def rotated(systems: list[str], round_index: int) -> list[str]:
-    """The systems in the order of round `round_index`: each round starts one system later than the one before."""
-    shift = round_index % len(systems)
-    return systems[shift:] + systems[:shift]
+def rotated(order: list, turn: int) -> list:
+    """`order` as turn `turn` takes it: each turn starts one item later than the one before."""
+    shift = turn % len(order)
+    return order[shift:] + order[:shift]
 
 
 def summarize(runs: list[dict], references: list[str]) -> list[dict]:
@@ -156,17 +203,14 @@ def main():
     if len(set(args.systems)) < len(args.systems):
         parser.error(f"--systems lists a system twice: {args.systems}")
     runs = []
-    context = multiprocessing.get_context("spawn")  # a fresh process: no allocator history, no switch carried over
     for seq_len in args.lengths:
         for round_index in range(args.rounds):
-            for system in rotated(args.systems, round_index):
-                with context.Pool(1) as pool:
-                    run = pool.apply(median_step_seconds, (system, seq_len, args.batch_size, args.steps,
-                                                            args.trainer_dir))
-                runs.append(run | {"round": round_index})
-                if args.output:  # after every run: a run cut short keeps what it measured
-                    write_report(args.output, vars(args), runs)
-                print(f"L={seq_len:>5} round {round_index} {system:40} {run['parameters'] / 1e6:6.2f}M params  "
+            round_runs = interleaved_runs(args.systems, seq_len, args.batch_size, args.steps, args.trainer_dir)
+            runs += [run | {"round": round_index} for run in round_runs]
+            if args.output:  # after every round: a run cut short keeps what it measured
+                write_report(args.output, vars(args), runs)
+            for run in round_runs:
+                print(f"L={seq_len:>5} round {round_index} {run['system']:40} {run['parameters'] / 1e6:6.2f}M params  "
                       f"{run['seconds_per_step']:6.2f} s/step  {run['tokens_per_s']:7.0f} tokens/s  "
                       f"peak +{run['peak_resident_growth_mb']:6.0f} MB", flush=True)
     for row in summarize(runs, args.references):

@@ -1,7 +1,8 @@
-"""scripts/bench_training_speed.py: the rounds' order and the per-round ratios of its summary."""
+"""scripts/bench_training_speed.py: the systems' turns, and the per-round ratios of its summary."""
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,38 @@ def bench():
     return module
 
 
-def test_each_round_starts_one_system_later(bench):
+def test_each_turn_starts_one_system_later(bench):
     systems = ["a", "b", "c"]
     assert [bench.rotated(systems, r) for r in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
                                                              ["a", "b", "c"]]
+
+
+def test_systems_in_fresh_processes_take_turns_step_by_step(tmp_path, monkeypatch):
+    """No two steps overlap, and every step of each system lies between the others' in the rotated order."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned processes import the script by its name
+    bench = importlib.import_module("bench_training_speed")
+    systems = ["ES-SSM, recomputed", "Llama (SDPA)"]
+    runs = bench.interleaved_runs(systems, 32, 1, 2, str(tmp_path))
+    assert [run["system"] for run in runs] == systems
+    steps = sorted((start, end, run["system"]) for run in runs for start, end in run["step_intervals"])
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(steps, steps[1:]))
+    # Turns 0, 1, 2 (the warm-up and two timed steps) in the orders a b, b a, a b.
+    assert [system for _, _, system in steps] == [systems[i] for i in (0, 1, 1, 0, 0, 1)]
+    for run in runs:
+        assert run["seconds_per_step"] == pytest.approx(statistics.median(end - start for start, end in
+                                                                          run["step_intervals"][1:]))
+
+
+def test_a_system_that_fails_ends_the_round_and_the_others_processes(tmp_path, monkeypatch):
+    """ES-SSM cannot be built for 16 tokens (fewer than its 32 filters): the round stops with an error instead of
+    leaving Llama's process waiting for its turn."""
+    import multiprocessing
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    bench = importlib.import_module("bench_training_speed")
+    with pytest.raises(RuntimeError, match="ended without its result \\(L=16\\)"):
+        bench.interleaved_runs(["ES-SSM, recomputed", "Llama (SDPA)"], 16, 1, 1, str(tmp_path))
+    assert not multiprocessing.active_children()
 
 
 def test_ratios_are_taken_within_a_round_before_the_median(bench):
@@ -45,7 +74,7 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
                                             (["--output", "/no/such/folder/speed.json"], "does not exist"),
                                             (["--systems", "Llama (SDPA)", "Llama (SDPA)"], "twice")])
 def test_bad_arguments_stop_before_any_run(bench, monkeypatch, capsys, flags, message):
-    monkeypatch.setattr(bench, "median_step_seconds", lambda *args: pytest.fail("a system ran"))
+    monkeypatch.setattr(bench, "interleaved_runs", lambda *args: pytest.fail("a system ran"))
     monkeypatch.setattr("sys.argv", ["bench_training_speed.py", *flags])
     with pytest.raises(SystemExit) as stop:
         bench.main()
