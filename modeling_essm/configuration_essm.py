@@ -111,8 +111,9 @@ class ESSSMConfig(PreTrainedConfig):
             first channels (the projections' inputs) are saved for backward instead of recomputed, up to this many
             MB per layer (float32 (B, D, T) per channel: at D=256 and batch 1, 30 channels at L=1024, 7 at L=4096,
             none past L=30720). Each saved channel spares one of its three FFTs per step and its product with the
-            gate in backward, and the memory stays within this cap whatever the budget. The default keeps the saved block under 32 MB, above which glibc gives every allocation
-            fresh pages that the kernel zeroes (docs/performance.md). 0 recomputes every channel.
+            gate in backward, and the memory stays within this cap whatever the budget. The default keeps the saved
+            block under 32 MB, above which glibc gives every allocation fresh pages that the kernel zeroes
+            (docs/performance.md). 0 recomputes every channel.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).

@@ -3,10 +3,9 @@
     out(t) = sum_j a_j(t) * (phi_j * u)(t) M_j        (B, D, T), over the active channels j, chunk by chunk
 
 Forward takes the inputs in the time domain, computes their spectrum and saves what backward needs to recompute
-the convolutions (that spectrum, the gate, the projections),
-as FlashAttention and FlashFFTConv recompute instead of storing, plus the gated convolutions a_j(t) (phi_j * u)(t) of
-the first `saved` channels, a number the mixer fits to a byte cap (`spectral_saved_mb`); backward recomputes the other
-channels' but no projection GEMM. Two costs go away:
+the convolutions (that spectrum, the gate, the projections), as FlashAttention and FlashFFTConv recompute instead of
+storing, plus the gated convolutions a_j(t) (phi_j * u)(t) of the first `saved` channels, a number the mixer fits to a
+byte cap (`spectral_saved_mb`); backward recomputes the other channels' but no projection GEMM. Two costs go away:
 
 - memory: apart from the capped saved channels nothing of size (B, k, D, T) outlives its chunk, so training memory
   stops growing with the budget once the cap is reached; each saved channel spares a third of its FFTs, and the
@@ -118,7 +117,7 @@ def gated_spectral_channels(u, filter_spectrum, weights, projections, multiplier
                             saved: int = 0) -> torch.Tensor:
     """sum_j a_j(t) (phi_j * u)(t) M_j over k channels, `chunk` at a time: (B, D, T), time last.
 
-    u (B, D, T): the inputs, time last, contiguous (float32, or float64 for gradcheck);
+    u (B, D, T): the inputs, time last (float32, or float64 for gradcheck);
     filter_spectrum (k, F): rFFT of the scaled filters at an FFT size n = 2 * (F - 1) >= 2T - 1, so that no input
         wraps around onto an output (complex64, or complex128 with float64 inputs; fixed buffers: no gradient);
     weights (B, k, T): the gate, contiguous. Its gradient is read from the gated convolutions divided by the
@@ -167,7 +166,7 @@ def gated_channels(u: torch.Tensor, filter_spectrum: torch.Tensor, weights: torc
     padded[..., :seq_len].copy_(u)
     padded[..., seq_len:].zero_()
     u_spectrum = torch.fft.rfft(padded)  # (B, D, F), shared by every channel
-    out = torch.empty_like(u)  # the first chunk's GEMM writes it
+    out = u.new_empty(batch, hidden, seq_len)  # contiguous whatever u's strides; the first chunk's GEMM writes it
     saved_features = u.new_empty(batch, saved, hidden, seq_len)
     blocks = batch_blocks(batch, hidden, n_fft)
     for start, end in channel_chunks(filter_spectrum.shape[0], chunk, saved):
@@ -189,7 +188,7 @@ def gated_channels(u: torch.Tensor, filter_spectrum: torch.Tensor, weights: torc
 def _(u, filter_spectrum, weights, projections, multiplier, chunk, saved, gemm_dtype):
     batch, hidden, seq_len = u.shape
     spectrum_dtype = torch.promote_types(u.dtype, torch.complex64)  # complex64, complex128 for float64
-    return (torch.empty_like(u), u.new_empty(batch, saved, hidden, seq_len),
+    return (u.new_empty(batch, hidden, seq_len), u.new_empty(batch, saved, hidden, seq_len),
             u.new_empty(batch, hidden, filter_spectrum.shape[-1], dtype=spectrum_dtype))
 
 
