@@ -19,7 +19,8 @@ reset before training, less its size then). This machine's speed drifts by a qua
 minutes, so the systems take turns step by step: in each round every system's process is started, and each waits
 between its steps until the others have taken theirs, in an order rotated from step to step, so that no two steps
 ever run at once and each system's steps lie between the others'. Each system's ratio to each of `--references` is
-taken within a round before its median over `--rounds` rounds (fresh processes each).
+taken within a round before its median over `--rounds` rounds (fresh processes each), and step by step: each timed
+step against the reference's step of the same turn, the median of these speed-ups and how many are at least 1.
 """
 
 import argparse
@@ -159,14 +160,23 @@ def rotated(order: list, turn: int) -> list:
     return order[shift:] + order[:shift]
 
 
+def step_speedups(run: dict, reference: dict) -> list[float]:
+    """The reference's time over the run's for each timed step, paired by turn: the steps of one turn ran one right
+    after the other, so the machine's drift between them is smallest."""
+    return [(reference_end - reference_start) / (end - start)
+            for (start, end), (reference_start, reference_end) in zip(run["step_intervals"][1:],
+                                                                       reference["step_intervals"][1:])]
+
+
 def summarize(runs: list[dict], references: list[str]) -> list[dict]:
     """One row per system and length from the runs of every round: medians over rounds of the step time, tokens/s
     and peak growth, and for each of `references` the median (and range) over rounds of tokens/s divided by that
-    reference's in the same round."""
+    reference's in the same round, and over every timed step, its speed-up on the reference's step of the same
+    turn: their median and how many are at least 1."""
     rows = []
     for seq_len in dict.fromkeys(run["seq_len"] for run in runs):
         at_length = [run for run in runs if run["seq_len"] == seq_len]
-        rates = {(run["system"], run["round"]): run["tokens_per_s"] for run in at_length}
+        by_round = {(run["system"], run["round"]): run for run in at_length}
         for system in dict.fromkeys(run["system"] for run in at_length):
             own = [run for run in at_length if run["system"] == system]
             row = {"system": system, "seq_len": seq_len, "parameters": own[0]["parameters"], "rounds": len(own)}
@@ -174,11 +184,17 @@ def summarize(runs: list[dict], references: list[str]) -> list[dict]:
                 row[key] = statistics.median(run[key] for run in own)
             row["ratios"] = {}
             for reference in references:
-                paired = [run["tokens_per_s"] / rates[reference, run["round"]] for run in own
-                          if (reference, run["round"]) in rates]
-                if paired and reference != system:
-                    row["ratios"][reference] = {"median": statistics.median(paired),
-                                                "range": [min(paired), max(paired)]}
+                paired = [(run, by_round[reference, run["round"]]) for run in own
+                          if (reference, run["round"]) in by_round]
+                if not paired or reference == system:
+                    continue
+                per_round = [run["tokens_per_s"] / theirs["tokens_per_s"] for run, theirs in paired]
+                per_step = [speedup for run, theirs in paired for speedup in step_speedups(run, theirs)]
+                row["ratios"][reference] = {"median": statistics.median(per_round),
+                                            "range": [min(per_round), max(per_round)],
+                                            "steps": {"median": statistics.median(per_step),
+                                                      "at_least_1": sum(speedup >= 1 for speedup in per_step),
+                                                      "pairs": len(per_step)}}
             rows.append(row)
     return rows
 
@@ -214,7 +230,9 @@ def main():
                       f"{run['seconds_per_step']:6.2f} s/step  {run['tokens_per_s']:7.0f} tokens/s  "
                       f"peak +{run['peak_resident_growth_mb']:6.0f} MB", flush=True)
     for row in summarize(runs, args.references):
-        ratios = "".join(f"  {ratio['median']:.2f}x {name}" for name, ratio in row["ratios"].items())
+        ratios = "".join(f"  {ratio['median']:.2f}x {name} (steps {ratio['steps']['median']:.2f}x, "
+                         f"{ratio['steps']['at_least_1']}/{ratio['steps']['pairs']} >= 1)"
+                         for name, ratio in row["ratios"].items())
         print(f"L={row['seq_len']:>5} {row['system']:40} {row['tokens_per_s']:7.0f} tokens/s{ratios}")
 
 

@@ -57,7 +57,8 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
     # systems' medians (150 and 150 tokens/s) would give 1.0x.
     def run(system, round_index, rate):
         return {"system": system, "seq_len": 64, "round": round_index, "parameters": 7, "tokens_per_s": rate,
-                "seconds_per_step": 64 / rate, "peak_resident_growth_mb": rate / 10}
+                "seconds_per_step": 64 / rate, "peak_resident_growth_mb": rate / 10,
+                "step_intervals": steps(64 / rate, 64 / rate)}
 
     runs = [run("ref", 0, 100), run("model", 0, 120), run("ref", 1, 300), run("model", 1, 150), run("ref", 2, 150),
             run("model", 2, 180)]
@@ -68,6 +69,20 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
     assert rows["model"]["tokens_per_s"] == 150 and rows["model"]["rounds"] == 3
     assert rows["model"]["peak_resident_growth_mb"] == pytest.approx(15)
     assert "model" not in rows["model"]["ratios"]  # not against itself
+    # One timed step per run, as fast as its round's rate: speed-ups 1.2, 0.5, 1.2.
+    assert rows["model"]["ratios"]["ref"]["steps"] == {"median": pytest.approx(1.2), "at_least_1": 2, "pairs": 3}
+
+
+def steps(*seconds):
+    """Step intervals (start, end) of these durations, one after the other from time 0."""
+    starts = [sum(seconds[:index]) for index in range(len(seconds))]
+    return [(start, start + duration) for start, duration in zip(starts, seconds)]
+
+
+def test_step_speedups_pair_the_timed_steps_of_a_turn(bench):
+    # Warm-ups of 5 s and 9 s are left out; then the reference's 2 s and 3 s against the run's 1 s and 4 s.
+    run, reference = {"step_intervals": steps(5, 1, 4)}, {"step_intervals": steps(9, 2, 3)}
+    assert bench.step_speedups(run, reference) == pytest.approx([2.0, 0.75])
 
 
 @pytest.mark.parametrize("flags, message", [(["--rounds", "0"], "at least 1"), (["--batch-size", "0"], "at least 1"),
