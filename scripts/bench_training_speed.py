@@ -1,4 +1,4 @@
-"""Training speed and memory as a user gets them: a plain `transformers.Trainer` in a plain Python process.
+r"""Training speed and memory as a user gets them: a plain `transformers.Trainer` in a plain Python process.
 
 The reference ES-SSM LM (D=256, 8 layers, K=32, trained at its full budget) with the convolutions kept for
 backward or recomputed (`spectral_recompute`; by default with the first channels' gated convolutions saved within
@@ -7,7 +7,10 @@ backward or recomputed (`spectral_recompute`; by default with the first channels
 freed memory for reuse (`reuse_freed_memory()`, the process-wide switch our commands turn on only when
 ESSM_REUSE_FREED_MEMORY=1):
 
-    python scripts/bench_training_speed.py --lengths 512 1024 2048 4096 --output docs/training_speed.json
+    python scripts/bench_training_speed.py --lengths 1024 --rounds 8 --steps 8 --systems "ES-SSM, recomputed" \
+        "Llama (SDPA)" --references "Llama (SDPA)" --output speed_1024.json
+
+(docs/performance.md lists the committed runs' commands).
 
 Mamba's steps take 6 s to 2.7 minutes each on one CPU thread at 512 to 4,096 tokens (and 17 GB at 4,096);
 `--systems` runs a subset. A round's systems are alive at once, so their memory adds up.
