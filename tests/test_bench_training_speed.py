@@ -52,6 +52,12 @@ def test_a_system_that_fails_ends_the_round_and_the_others_processes(tmp_path, m
     assert not multiprocessing.active_children()
 
 
+def steps(*seconds):
+    """Step intervals (start, end) of these durations, one after the other from time 0."""
+    starts = [sum(seconds[:index]) for index in range(len(seconds))]
+    return [(start, start + duration) for start, duration in zip(starts, seconds)]
+
+
 def test_ratios_are_taken_within_a_round_before_the_median(bench):
     # Paired by round the model runs at 1.2x, 0.5x and 1.2x the reference: median 1.2x, where dividing the two
     # systems' medians (150 and 150 tokens/s) would give 1.0x.
@@ -71,12 +77,6 @@ def test_ratios_are_taken_within_a_round_before_the_median(bench):
     assert "model" not in rows["model"]["ratios"]  # not against itself
     # One timed step per run, as fast as its round's rate: speed-ups 1.2, 0.5, 1.2.
     assert rows["model"]["ratios"]["ref"]["steps"] == {"median": pytest.approx(1.2), "at_least_1": 2, "pairs": 3}
-
-
-def steps(*seconds):
-    """Step intervals (start, end) of these durations, one after the other from time 0."""
-    starts = [sum(seconds[:index]) for index in range(len(seconds))]
-    return [(start, start + duration) for start, duration in zip(starts, seconds)]
 
 
 def test_step_speedups_pair_the_timed_steps_of_a_turn(bench):

@@ -58,6 +58,21 @@ def test_outputs_and_gradients_match_plain_autograd(k, chunk, saved):
         torch.testing.assert_close(fast_inputs[index].grad / scale, expected / scale, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_inputs_with_time_strided_give_a_contiguous_output_and_the_same_result():
+    """u as a transposed (B, T, D) view: the output is still the (B, D, T) tensor that the GEMMs write in place."""
+    u, filter_spectrum, weights, projections = channel_inputs(2, 8, 12, 5)
+    strided = u.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # same values, time strided by D
+    contiguous = u.clone().requires_grad_()
+    out_strided = gated_spectral_channels(strided, filter_spectrum, weights, projections, 2.0, 2, 2)
+    out = gated_spectral_channels(contiguous, filter_spectrum, weights, projections, 2.0, 2, 2)
+    assert not strided.is_contiguous() and out_strided.is_contiguous()
+    torch.testing.assert_close(out_strided, out, atol=0, rtol=0)
+    probe = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(3))
+    (out_strided * probe).sum().backward()
+    (out * probe).sum().backward()
+    torch.testing.assert_close(strided.grad, contiguous.grad, atol=0, rtol=0)
+
+
 def test_gate_weights_of_zero_get_a_zero_gradient_and_the_rest_match_plain_autograd():
     """The gate's gradient is read from the gated convolutions divided by the weights: where a weight is 0 it comes
     back 0, not NaN (a softmax's input gradient does not depend on it there), and the others are unchanged."""
