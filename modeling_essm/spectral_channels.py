@@ -74,10 +74,11 @@ def channel_convolution(u_spectrum, channel_spectrum, seq_len: int) -> torch.Ten
     return torch.fft.irfft(spectrum, n=2 * (u_spectrum.shape[-1] - 1))[..., :seq_len]
 
 
-# A channel's FFTs run on a few sequences at a time, so that each output stays within this many bytes, as at batch 1
-# where glibc reuses freed outputs: with one 16 MB output per channel at 8 x 1,024 tokens, six forwards in a plain
-# process faulted in 7.3 GB of fresh pages, 4.4 GB with these blocks (probes, docs/performance.md).
-FFT_BLOCK_BYTES = 8 * 2**20
+# A channel's FFTs run on a few sequences at a time, so that each output stays within this many bytes: one sequence
+# of the reference LM (D=256, 1,024 tokens), whose spectra and outputs stay in cache and which glibc reuses when freed.
+# One 16 MB output per channel at 8 x 1,024 tokens made six forwards in a plain process fault in 7.3 GB of fresh pages,
+# 8 MB blocks 4.4 GB; 2 MB blocks then trained 1.07x faster than 8 MB ones at 4 x 1,024 tokens (docs/performance.md).
+FFT_BLOCK_BYTES = 2 * 2**20
 
 
 def batch_blocks(batch: int, hidden: int, n_fft: int) -> list[slice]:
