@@ -98,7 +98,8 @@ class ESSSMConfig(PreTrainedConfig):
         spectral_chunk_mb (`float`, defaults to 64.0): and at most as many as keep one chunk's float32
             convolution output within this many MB, and within the paths' own caps (16 MB for inference and
             recomputed training, 30 MB for kept training), so that memory stops growing with the budget on long
-            inputs.
+            inputs. Inference and recomputed training count one block of sequences' output (see
+            spectral_saved_mb), kept training the whole batch's.
         spectral_recompute (`bool`, defaults to True): in training, recompute the channels' convolutions in
             backward instead of keeping them (two custom operators, spectral_channels.py: forward saves the input
             spectrum, the gate, the projections and the convolutions within spectral_saved_mb, both run the FFTs one
@@ -109,11 +110,14 @@ class ESSSMConfig(PreTrainedConfig):
             are the same. Inference runs the forward operator either way.
         spectral_saved_mb (`float`, defaults to 30.0): with spectral_recompute, the gated convolutions of the
             first channels (the projections' inputs) are saved for backward instead of recomputed, up to this many
-            MB per layer (float32 (B, D, T) per channel: at D=256 and batch 1, 30 channels at L=1024, 7 at L=4096,
-            none past L=30720). Each saved channel spares one of its three FFTs per step and its product with the
-            gate in backward, and the memory stays within this cap whatever the budget. The default keeps the saved
-            block under 32 MB, above which glibc gives every allocation fresh pages that the kernel zeroes
-            (docs/performance.md). 0 recomputes every channel.
+            MB per layer and block of sequences. The operators take the batch in blocks whose one-channel FFT output
+            (b, D, 2T) float32 is about 2 MB: one sequence from D=256 and L=1024 on, several below. A channel costs
+            b x D x T float32 of a block: at D=256, 30 channels per sequence at L=1024, 7 at L=4096, none past
+            L=30720. Each saved channel spares one of its three FFTs per step and its product with the gate in
+            backward; the memory stays within the cap times the number of blocks whatever the budget, and so grows
+            with the batch as every activation does. The default keeps each saved block under 32 MB, above which
+            glibc gives every allocation fresh pages that the kernel zeroes (docs/performance.md). 0 recomputes
+            every channel.
         embedding_dropout (`float`, defaults to 0.0): dropout on the token embeddings (or input projection).
         hidden_dropout (`float`, defaults to 0.0): dropout on the mixer and feed-forward outputs.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last block (linear in depth).

@@ -24,7 +24,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache_essm import ESSSMCache
 from .configuration_essm import ESSSMConfig, check_spectral_budget
-from .spectral_channels import gated_spectral_channels
+from .spectral_channels import gated_spectral_channels, sequences_per_block
 from .spectral_filters import spectral_filters
 from .speculative_essm import DEFAULT_DRAFT_TOKENS, ESSSMDraftCandidateGenerator
 
@@ -210,10 +210,12 @@ class ESSSMSpectralMixer(nn.Module):
         else:
             # Inference, and training that recomputes the convolutions in backward (but the first channels', saved
             # within spectral_saved_mb): one channel's FFTs at a time, in reused buffers (spectral_channels.py).
+            # Chunks and saved channels are those of one block of sequences, the operators' unit of work.
+            block = min(u.shape[0], sequences_per_block(u.shape[2], n_fft))
             max_bytes = min(self.chunk_bytes, RECOMPUTED_CHUNK_BYTES)
-            chunk = self.channels_per_chunk(u.shape[0], u.shape[2], n_fft, max_bytes)
+            chunk = self.channels_per_chunk(block, u.shape[2], n_fft, max_bytes)
             # In MB, not bytes: any finite cap stays finite.
-            saved = int(self.saved_mb // (u.shape[0] * u.shape[2] * seq_len * 4 / 2**20))  # float32 (B, D, T) each
+            saved = int(self.saved_mb // (block * u.shape[2] * seq_len * 4 / 2**20))  # float32 (b, D, T) each
             spectral = gated_spectral_channels(u_channels, filter_spectrum, weights, self.spectral_proj,
                                                self.spectral_proj_multiplier, chunk, saved)
         # 4. Plus the skip and local paths.

@@ -5,7 +5,8 @@
 Forward takes the inputs in the time domain, computes their spectrum and saves what backward needs to recompute
 the convolutions (that spectrum, the gate, the projections), as FlashAttention and FlashFFTConv recompute instead of
 storing, plus the gated convolutions a_j(t) (phi_j * u)(t) of the first `saved` channels, a number the mixer fits to a
-byte cap (`spectral_saved_mb`); backward recomputes the other channels' but no projection GEMM. Two costs go away:
+byte cap (`spectral_saved_mb`); backward recomputes the other channels' but no projection GEMM. Both run on blocks of
+a few sequences (one at the reference size), each block with its own saved channels. Two costs go away:
 
 - memory: apart from the capped saved channels nothing of size (B, k, D, T) outlives its chunk, so training memory
   stops growing with the budget once the cap is reached; each saved channel spares a third of its FFTs, and the
@@ -21,7 +22,6 @@ Forward and backward are custom operators (`torch.library.custom_op`), which tor
 tests check this one against it, against `gradcheck` and against `naive.naive_mixer`.
 """
 
-import itertools
 import math
 import re
 import threading
@@ -74,17 +74,17 @@ def channel_convolution(u_spectrum, channel_spectrum, seq_len: int) -> torch.Ten
     return torch.fft.irfft(spectrum, n=2 * (u_spectrum.shape[-1] - 1))[..., :seq_len]
 
 
-# A channel's FFTs run on a few sequences at a time, so that each output stays within this many bytes: one sequence
-# of the reference LM (D=256, 1,024 tokens), whose spectra and outputs stay in cache and which glibc reuses when freed.
-# One 16 MB output per channel at 8 x 1,024 tokens made six forwards in a plain process fault in 7.3 GB of fresh pages,
-# 8 MB blocks 4.4 GB; 2 MB blocks then trained 1.07x faster than 8 MB ones at 4 x 1,024 tokens (docs/performance.md).
+# The operators run on blocks of a few sequences, so that each channel's FFT output stays within this many bytes: one
+# sequence of the reference LM (D=256, 1,024 tokens), whose spectra and outputs stay in cache and which glibc reuses
+# when freed, and whose chunks of channels and saved convolutions are those of one sequence. A batch of 4 x 1,024
+# tokens, run as one block with its chunks and saved channels sized for the whole batch, took 1.2x as long per
+# sequence in the operators as one sequence (docs/performance.md).
 FFT_BLOCK_BYTES = 2 * 2**20
 
 
-def batch_blocks(batch: int, hidden: int, n_fft: int) -> list[slice]:
-    """Slices of the batch whose (b, D, n_fft) float32 FFTs stay within FFT_BLOCK_BYTES, one sequence at least."""
-    step = max(1, FFT_BLOCK_BYTES // (hidden * n_fft * 4))
-    return [slice(first, min(first + step, batch)) for first in range(0, batch, step)]
+def sequences_per_block(hidden: int, n_fft: int) -> int:
+    """How many sequences the operators take at once: (b, D, n_fft) float32 within FFT_BLOCK_BYTES, one at least."""
+    return max(1, FFT_BLOCK_BYTES // (hidden * n_fft * 4))
 
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -129,8 +129,9 @@ def gated_spectral_channels(u, filter_spectrum, weights, projections, multiplier
         (ESSSMConfig.spectral_proj_multiplier) instead of materialising the effective ones. Rows past k get a zero
         gradient: the whole parameter, not its slice, spares autograd the slice's backward (a zeroed (K, D, D) copy
         per layer);
-    saved: the first min(saved, k) channels keep their gated convolutions (B, saved, D, T) for backward instead of
-        recomputing them there.
+    chunk, saved: the channels per GEMM, and the first min(saved, k) channels, whose gated convolutions (b, saved,
+        D, T) are kept for backward instead of recomputed there, in each block of b sequences (`sequences_per_block`)
+        that the operators take in turn.
     Under autocast the projections' GEMMs run in its dtype and the FFTs and the sum stay in full precision, as in
     `project_channels`; the dtype is read here, where torch.compile sees it, and handed to the operators.
     """
@@ -149,8 +150,10 @@ def gated_spectral_channels(u, filter_spectrum, weights, projections, multiplier
     if not (torch.is_grad_enabled() and (weights.requires_grad or projections.requires_grad)):
         saved = 0  # the saved channels serve only the gate's and the projections' gradients
     saved = torch.sym_min(saved, k)  # symbolic under torch.compile: budgets share graphs
-    out, _, _ = gated_channels(u, filter_spectrum, weights, projections, multiplier, chunk, saved, gemm_dtype)
-    return out
+    block = sequences_per_block(u.shape[1], n_fft)
+    outs = [gated_channels(u_block, filter_spectrum, weights_block, projections, multiplier, chunk, saved, gemm_dtype)[0]
+            for u_block, weights_block in zip(u.split(block), weights.split(block))]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]  # (B, D, T)
 
 
 @torch.library.custom_op(f"{OPERATOR_PREFIX}_gated_channels", mutates_args=())
@@ -169,15 +172,14 @@ def gated_channels(u: torch.Tensor, filter_spectrum: torch.Tensor, weights: torc
     u_spectrum = torch.fft.rfft(padded)  # (B, D, F), shared by every channel
     out = u.new_empty(batch, hidden, seq_len)  # contiguous whatever u's strides; the first chunk's GEMM writes it
     saved_features = u.new_empty(batch, saved, hidden, seq_len)
-    blocks = batch_blocks(batch, hidden, n_fft)
     for start, end in channel_chunks(filter_spectrum.shape[0], chunk, saved):
         if start < saved:
             features = saved_features[:, start:end]
         else:
             features = WORKSPACE.get("features", (batch, end - start, hidden, seq_len), u.dtype, u.device)
-        for j, rows in itertools.product(range(start, end), blocks):  # a_j(t) (phi_j * u)(t) from the inverse FFT
-            conv = channel_convolution(u_spectrum[rows], filter_spectrum[j], seq_len)  # (b, D, T)
-            torch.mul(conv, weights[rows, j, None], out=features[rows, j - start])
+        for j in range(start, end):  # a_j(t) (phi_j * u)(t) from the inverse FFT
+            conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+            torch.mul(conv, weights[:, j, None], out=features[:, j - start])
         # M^T @ features, time last (see project_channels for why this orientation).
         mixing = projections[start:end].reshape(-1, hidden).T.to(gemm_dtype)  # (D, c*D)
         lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
@@ -220,7 +222,6 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
     # The rFFT's input, zero-padded to n_fft once: each channel then writes only its first seq_len samples.
     padded = WORKSPACE.get("padded", (batch, hidden, n_fft), real_dtype, device)
     padded[..., seq_len:].zero_()
-    blocks = batch_blocks(batch, hidden, n_fft)
     for start, end in channel_chunks(filter_spectrum.shape[0], chunk, saved):
         shape = (batch, end - start, hidden, seq_len)
         # 1. d out / d features = M @ grad_out.
@@ -233,13 +234,13 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
         features = saved_features[:, start:end] if start < saved else WORKSPACE.get("features", shape, real_dtype,
                                                                                     device)
         gate_terms = WORKSPACE.get("gate_terms", shape[:1] + shape[2:], real_dtype, device)  # (B, D, T)
-        for j, rows in itertools.product(range(start, end), blocks) if gate_grad or projections_grad else ():
+        for j in range(start, end) if gate_grad or projections_grad else ():
             if j >= saved:
-                conv = channel_convolution(u_spectrum[rows], filter_spectrum[j], seq_len)  # (b, D, T)
-                torch.mul(conv, weights[rows, j, None], out=features[rows, j - start])
+                conv = channel_convolution(u_spectrum, filter_spectrum[j], seq_len)  # (B, D, T)
+                torch.mul(conv, weights[:, j, None], out=features[:, j - start])
             if gate_grad:
-                terms = torch.mul(features[rows, j - start], grad_features[rows, j - start], out=gate_terms[rows])
-                torch.sum(terms, dim=1, out=grad_weights[rows, j])
+                terms = torch.mul(features[:, j - start], grad_features[:, j - start], out=gate_terms)
+                torch.sum(terms, dim=1, out=grad_weights[:, j])
         # 3. The projections' gradient: features @ grad_out^T, summed over the batch.
         if projections_grad:
             lowered = in_dtype(features.flatten(1, 2), gemm_dtype, "lowered")  # (B, c*D, T)
@@ -247,9 +248,9 @@ def gated_channels_backward(grad_out: torch.Tensor, u_spectrum: torch.Tensor, fi
             for b in range(batch):
                 matmul_into(grad_mixing, lowered[b], grad_out_lowered[b].T, multiplier, accumulate=b > 0)
         # 4. The inputs' spectral gradient: d out / d conv = a_j * grad_features, correlated with phi_j.
-        for j, rows in itertools.product(range(start, end), blocks) if input_grad else ():
-            torch.mul(grad_features[rows, j - start], weights[rows, j, None], out=padded[rows, :, :seq_len])
-            grad_spectrum[rows].addcmul_(torch.fft.rfft(padded[rows]), conjugate_filters[j])  # (b, D, F)
+        for j in range(start, end) if input_grad else ():
+            torch.mul(grad_features[:, j - start], weights[:, j, None], out=padded[..., :seq_len])
+            grad_spectrum.addcmul_(torch.fft.rfft(padded), conjugate_filters[j])  # (B, D, F)
     if gate_grad:  # a weight of 0 gated its convolution to 0: its gradient reads 0 (see gated_spectral_channels)
         grad_weights.div_(weights).masked_fill_(weights == 0, 0.0)
     # The outputs t < T of the correlations: no later input wraps around onto them (n_fft >= 2T - 1).

@@ -727,6 +727,23 @@ def test_saved_channels_follow_spectral_saved_mb(monkeypatch):
         assert saved[-1] == expected, saved_mb  # the operators take min(saved, k) (tests/test_spectral_channels.py)
 
 
+def test_chunks_and_saved_channels_are_those_of_one_block_of_sequences(monkeypatch):
+    """The operators take the batch in blocks (spectral_channels.FFT_BLOCK_BYTES): a block of one sequence saves
+    as many channels as spectral_saved_mb holds of one sequence's, and its chunks are sized by one sequence's."""
+    model = ESSSMForCausalLM(tiny_config(num_hidden_layers=1, spectral_chunk_size=8)).train()
+    mixer, basis = model.model.layers[0].mixer, model.model.spectral_basis
+    sequence_mb, n_fft = 32 * 100 * 4 / 2**20, 2 * (basis.filter_spectrum(100, K).shape[-1] - 1)
+    mixer.saved_mb, mixer.chunk_bytes = 3.5 * sequence_mb, 2 * 32 * n_fft * 4  # two sequences' channel
+    calls = []
+    monkeypatch.setattr("modeling_essm.modeling_essm.gated_spectral_channels",
+                        lambda *inputs: calls.append(inputs[-2:]) or gated_spectral_channels(*inputs))
+    u = torch.randn(2, 100, 32)
+    mixer(u, basis.filter_spectrum(100, K), K)  # one block of both sequences
+    monkeypatch.setattr("modeling_essm.spectral_channels.FFT_BLOCK_BYTES", 32 * n_fft * 4)  # one sequence
+    mixer(u, basis.filter_spectrum(100, K), K)
+    assert calls == [(1, 1), (2, 3)]  # (chunk, saved) per block
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_with_recomputation_training_memory_stops_growing_with_the_budget_above_one_chunk(recompute):
     from modeling_essm.planner import peak_memory_mb
