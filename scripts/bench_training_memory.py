@@ -31,8 +31,8 @@ def main():
     parser.add_argument("--recompute", action="store_true", help="spectral_recompute=True: chunks recomputed in backward")
     parser.add_argument("--chunk-size", type=int, default=8, help="spectral_chunk_size: channels recomputed at once")
     parser.add_argument("--saved-mb", type=float, default=ESSSMConfig().spectral_saved_mb,
-                        help="spectral_saved_mb: MB per layer of convolutions saved for backward when recomputing "
-                             "(default: the config's, %(default)s)")
+                        help="spectral_saved_mb: MB per layer and block of sequences of convolutions saved for "
+                             "backward when recomputing (default: the config's, %(default)s)")
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
